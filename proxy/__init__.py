@@ -1,0 +1,1 @@
+"""access-proxy: access enforcement at the edge for limited-preview model families."""

@@ -1,0 +1,206 @@
+"""decide(): SPEC §3.4 rows 3 and 5–11 as one pure function.
+
+Rows 1 (route), 2 (key) and 12 (rate limit, which needs Redis) are enforced around it by the data
+plane; row 4 (body) is read before the call and passed in as ``RequestInfo.body_error`` so the
+order of the table holds. The returned ``Decision`` names the rule that decided, for ``explain``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from proxy.config import Config, Program, RateLimit
+from proxy.policy.facts import Facts
+from proxy.policy.grants import Grant, is_enabled_at, is_expired_at, missing_approvals
+from proxy.policy.standing import StandingView, evaluate_standing
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    product: str
+    model: str | None  # None: the request names no model (e.g. GET /v1/models)
+    body_error: str | None = None  # "request_too_large" | "invalid_request"
+    body_error_message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    code: str | None  # None: allowed (subject to the rate limit and category check)
+    rule: str  # what decided, e.g. "grant.enabled", "phase.closed"
+    detail: str
+    program: Program | None = None
+    grant: Grant | None = None
+    standing: StandingView | None = None
+    rate_limit: RateLimit | None = None  # the limit to enforce, already scaled by tier
+    retry_after: float | None = None
+    blocked_categories: frozenset[str] = frozenset()  # ask the classifier when non-empty
+    shadow_rules: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.code is None
+
+
+def _deny(code: str, rule: str, detail: str, **kw: object) -> Decision:
+    return Decision(code, rule, detail, **kw)  # type: ignore[arg-type]
+
+
+def scaled(limit: RateLimit, factor: float) -> RateLimit:
+    if factor == 1.0:
+        return limit
+    return RateLimit(
+        requests_per_minute=max(1, int(limit.requests_per_minute * factor)),
+        burst=max(0, int(limit.burst * factor)),
+        concurrent=max(1, int(limit.concurrent * factor)),
+        shadow=limit.shadow,
+    )
+
+
+def decide(facts: Facts, cfg: Config, req: RequestInfo, now: float) -> Decision:
+    ws = facts.workspace
+    view = evaluate_standing(facts.standing, cfg.misuse, now)
+
+    # Row 3: the workspace, its org, or its misuse standing is suspended.
+    if ws.suspended:
+        return _deny("workspace_suspended", "workspace.suspended", "suspended by an operator")
+    if facts.org is not None and facts.org.suspended:
+        return _deny("workspace_suspended", "org.suspended", f"org {ws.org_id} is suspended")
+    if view.suspended:
+        return _deny(
+            "workspace_suspended",
+            "misuse.suspended",
+            f"misuse score {view.score} reached tier suspended",
+            standing=view,
+        )
+
+    # Row 4: the body, read before the call.
+    if req.body_error is not None:
+        return _deny(req.body_error, "request.body", req.body_error_message or req.body_error)
+
+    program: Program | None = None
+    grant: Grant | None = None
+    rule, detail = "request.no_model", "the request names no model"
+    if req.model is not None:
+        name = cfg.program_of_model.get(req.model)
+        if name is None:
+            if cfg.unlisted_models == "deny":
+                return _deny("model_not_found", "model.unlisted", "model in no program; denied")
+            rule, detail = "model.unlisted", "model in no program; unlisted_models: allow"
+        else:
+            program = cfg.programs[name]
+            phase = program.phases.get(req.product, "closed")
+            # Row 5.
+            if phase == "closed":
+                return _deny(
+                    "product_unavailable",
+                    "phase.closed",
+                    f"{program.name} is closed on {req.product}",
+                    program=program,
+                )
+            if phase == "ga":
+                rule, detail = "phase.ga", f"{program.name} is generally available"
+            else:
+                grant = facts.grant_for(program.name, req.product)
+                # Row 6.
+                if grant is None:
+                    return _deny(
+                        "model_not_found",
+                        "grant.none",
+                        f"no grant for {program.name} on {req.product}",
+                        program=program,
+                    )
+                if grant.revoked:
+                    return _deny(
+                        "model_not_found",
+                        "grant.revoked",
+                        f"grant {grant.grant_id} is revoked",
+                        program=program,
+                        grant=grant,
+                    )
+                if not grant.covers_model(req.model):
+                    return _deny(
+                        "model_not_found",
+                        "grant.model_subset",
+                        f"grant {grant.grant_id} does not cover {req.model}",
+                        program=program,
+                        grant=grant,
+                    )
+                # Row 7.
+                missing = missing_approvals(grant, program.required_approvals)
+                if missing:
+                    return _deny(
+                        "access_pending_review",
+                        "grant.pending_review",
+                        f"grant {grant.grant_id} awaits approval by {', '.join(missing)}",
+                        program=program,
+                        grant=grant,
+                    )
+                # Row 8.
+                if not is_enabled_at(grant, now):
+                    return _deny(
+                        "access_not_yet_enabled",
+                        "grant.not_yet_enabled",
+                        f"grant {grant.grant_id} is approved; enable_at "
+                        + ("unset" if grant.enable_at is None else "in the future"),
+                        program=program,
+                        grant=grant,
+                    )
+                # Row 9.
+                if grant.suspended:
+                    return _deny(
+                        "access_suspended",
+                        "grant.suspended",
+                        f"grant {grant.grant_id} is suspended",
+                        program=program,
+                        grant=grant,
+                    )
+                if is_expired_at(grant, now):
+                    return _deny(
+                        "access_expired",
+                        "grant.expired",
+                        f"grant {grant.grant_id} has expired",
+                        program=program,
+                        grant=grant,
+                    )
+                rule, detail = "grant.enabled", f"grant {grant.grant_id} is enabled"
+
+    shadow: tuple[str, ...] = ()
+    if view.shadow_tier is not None:
+        shadow = (f"tier:{view.shadow_tier.name}",)
+    tier = view.tier
+
+    # Row 10.
+    if view.cooldown_until is not None:
+        return _deny(
+            "misuse_cooldown",
+            "misuse.cooldown",
+            f"misuse score {view.score}: cooldown",
+            program=program,
+            grant=grant,
+            standing=view,
+            retry_after=max(1.0, math.ceil(view.cooldown_until - now)),
+            shadow_rules=shadow,
+        )
+
+    # Row 11 is decided by the data plane with the classifier's answer for these categories.
+    blocked: frozenset[str] = frozenset()
+    if req.model is not None or (program is not None):
+        cats = set(tier.blocked_categories) if tier is not None else set()
+        if program is not None:
+            cats.update(program.blocked_categories)
+        blocked = frozenset(cats)
+
+    base = cfg.rate_limits.for_program(program.name if program is not None else None)
+    factor = tier.rate_limit_factor if tier is not None else 1.0
+    return Decision(
+        None,
+        rule,
+        detail,
+        program=program,
+        grant=grant,
+        standing=view,
+        rate_limit=scaled(base, factor),
+        blocked_categories=blocked,
+        shadow_rules=shadow,
+    )

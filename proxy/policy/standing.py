@@ -1,0 +1,97 @@
+"""Misuse standing (SPEC §6): flags in a sliding window add up to a score; the score picks a tier.
+
+Cooldown is derived from the flags and the clock: a flag that brings the windowed score to a
+cooldown tier's threshold starts a block of ``block_seconds``; once the block is over the
+workspace is handled as the highest tier below the cooldown until its score changes. A misuse
+suspension is a recorded fact (``Standing.suspended``), so it does not lift when flags age out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.config import MisuseConfig, Tier
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    at: float
+    category: str
+    severity: int
+    source: str
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    flags: tuple[Flag, ...] = ()  # sorted by time
+    suspended: bool = False  # misuse suspension, lifted only by an operator's reinstate
+    suspended_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StandingView:
+    score: int
+    tier: Tier | None  # the tier enforced now; None is "normal"
+    cooldown_until: float | None
+    suspended: bool
+    shadow_tier: Tier | None  # a stricter shadow tier that would apply, for counting only
+
+    @property
+    def tier_name(self) -> str:
+        if self.suspended:
+            return "suspended"
+        return self.tier.name if self.tier is not None else "normal"
+
+
+NORMAL = StandingView(0, None, None, False, None)
+
+
+def score_at(flags: tuple[Flag, ...], window: float, t: float) -> int:
+    return sum(f.severity for f in flags if t - window < f.at <= t)
+
+
+def tier_for_score(tiers: tuple[Tier, ...], score: int) -> Tier | None:
+    chosen: Tier | None = None
+    for tier in tiers:
+        if tier.min_score <= score:
+            chosen = tier
+    return chosen
+
+
+def _block_until(flags: tuple[Flag, ...], window: float, tier: Tier) -> float | None:
+    assert tier.block_seconds is not None
+    until: float | None = None
+    for f in flags:
+        if score_at(flags, window, f.at) >= tier.min_score:
+            until = f.at + tier.block_seconds
+    return until
+
+
+def _effective(
+    tiers: tuple[Tier, ...], flags: tuple[Flag, ...], window: float, score: int, now: float
+) -> tuple[Tier | None, float | None]:
+    """The tier that applies now among ``tiers``, and the end of an active cooldown block."""
+    tier = tier_for_score(tiers, score)
+    while tier is not None and tier.block_seconds is not None:
+        until = _block_until(flags, window, tier)
+        if until is not None and now < until:
+            return tier, until
+        tier = tier_for_score(tuple(t for t in tiers if t.min_score < tier.min_score), score)
+    return tier, None
+
+
+def evaluate_standing(standing: Standing | None, cfg: MisuseConfig, now: float) -> StandingView:
+    if standing is None or (not standing.flags and not standing.suspended):
+        return NORMAL
+    window = cfg.window_seconds
+    score = score_at(standing.flags, window, now)
+    enforced_tiers = tuple(t for t in cfg.tiers if not t.shadow)
+    tier, until = _effective(enforced_tiers, standing.flags, window, score, now)
+    suspended = standing.suspended or (tier is not None and tier.suspend)
+    shadow: Tier | None = None
+    if len(enforced_tiers) != len(cfg.tiers):
+        would, _ = _effective(cfg.tiers, standing.flags, window, score, now)
+        if would is not None and would.shadow:
+            shadow = would
+    return StandingView(score, tier, until, suspended, shadow)
