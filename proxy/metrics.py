@@ -1,0 +1,92 @@
+"""Every Prometheus metric, defined once (SPEC §9). Labels are bounded: products, programs,
+codes, tiers and categories come from config or fixed tables, never from clients."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DECISION = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1)
+
+REQUESTS = Counter(
+    "access_proxy_requests_total",
+    "Requests answered, by product, program and outcome code (ok or a SPEC §3.4 code).",
+    ["product", "program", "code"],
+)
+REQUEST_DURATION = Histogram(
+    "access_proxy_request_duration_seconds",
+    "Time from request start to the last byte written, by product.",
+    ["product"],
+    buckets=_LATENCY,
+)
+DECISION_DURATION = Histogram(
+    "access_proxy_decision_duration_seconds",
+    "Time to gather facts and decide (excluding the upstream).",
+    buckets=_DECISION,
+)
+UPSTREAM_TTFB = Histogram(
+    "access_proxy_upstream_ttfb_seconds",
+    "Time from sending a request upstream to its response headers.",
+    ["upstream"],
+    buckets=_LATENCY,
+)
+INFLIGHT = Gauge(
+    "access_proxy_inflight_requests",
+    "Requests in flight on the data listener.",
+    multiprocess_mode="livesum",
+)
+CACHE_LOOKUPS = Counter(
+    "access_proxy_cache_lookups_total",
+    "Entitlement cache lookups by result (hit, miss, stale).",
+    ["result"],
+)
+CACHE_INVALIDATIONS = Counter(
+    "access_proxy_cache_invalidations_total",
+    "Cache entries evicted by invalidation messages (a full flush counts once).",
+)
+REDIS_ERRORS = Counter(
+    "access_proxy_redis_errors_total",
+    "Redis calls that failed, timed out or were refused by the open circuit, by operation.",
+    ["op"],
+)
+FAILURE_MODE = Counter(
+    "access_proxy_failure_mode_total",
+    "Checks answered by their declared failure mode while a dependency was away.",
+    ["check", "mode"],
+)
+CONFIG_RELOADS = Counter(
+    "access_proxy_config_reloads_total",
+    "Config reload attempts by result (ok, error).",
+    ["result"],
+)
+CONFIG_INFO = Gauge(
+    "access_proxy_config_info",
+    "The active config version (content hash); value 1.",
+    ["version"],
+    multiprocess_mode="liveall",
+)
+MISUSE_FLAGS = Counter(
+    "access_proxy_misuse_flags_total",
+    "Misuse flags recorded, by category and source.",
+    ["category", "source"],
+)
+TIER_TRANSITIONS = Counter(
+    "access_proxy_tier_transitions_total",
+    "Workspaces entering a misuse tier.",
+    ["tier"],
+)
+SHADOW_DECISIONS = Counter(
+    "access_proxy_shadow_decisions_total",
+    "Decisions a shadow rule would have changed, by rule.",
+    ["rule"],
+)
+TOKENS = Counter(
+    "access_proxy_tokens_total",
+    "Tokens metered, by program and kind (input, cached_input, cache_write, output).",
+    ["program", "kind"],
+)
+COST = Counter(
+    "access_proxy_cost_usd_total",
+    "Metered cost in USD, by program and product.",
+    ["program", "product"],
+)

@@ -1,0 +1,91 @@
+"""Redis clients and the guard around hot-path calls: a short timeout and a circuit breaker, so
+an outage adds no waiting to requests (SPEC §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from proxy import metrics
+
+T = TypeVar("T")
+
+
+class RedisUnavailable(Exception):
+    """Redis could not answer in time (error, timeout, or the breaker is open)."""
+
+
+def make_client(url: str, *, timeout_s: float | None) -> aioredis.Redis:
+    """A client with no retries and, when ``timeout_s`` is set, short socket timeouts."""
+    kwargs: dict[str, object] = {
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    if timeout_s is not None:
+        kwargs["socket_timeout"] = timeout_s
+        kwargs["socket_connect_timeout"] = timeout_s
+    else:
+        kwargs["socket_connect_timeout"] = 5.0
+    return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+
+
+class Breaker:
+    """Opens after ``failures`` consecutive errors; after ``reset_s`` lets one trial call through."""
+
+    def __init__(self, failures: int, reset_s: float) -> None:
+        self.failures = failures
+        self.reset_s = reset_s
+        self._count = 0
+        self._open_until = 0.0
+        self._trial = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._count >= self.failures and time.monotonic() < self._open_until
+
+    def allow(self) -> bool:
+        if self._count < self.failures:
+            return True
+        now = time.monotonic()
+        if now < self._open_until or self._trial:
+            return False
+        self._trial = True  # half-open: one call decides
+        return True
+
+    def success(self) -> None:
+        self._count = 0
+        self._trial = False
+
+    def failure(self) -> None:
+        self._count += 1
+        self._trial = False
+        if self._count >= self.failures:
+            self._open_until = time.monotonic() + self.reset_s
+
+
+class Gate:
+    """Runs hot-path Redis calls under a deadline and the breaker, counting errors by op."""
+
+    def __init__(self, timeout_s: float, breaker: Breaker) -> None:
+        self.timeout_s = timeout_s
+        self.breaker = breaker
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.allow():
+            metrics.REDIS_ERRORS.labels(op).inc()
+            raise RedisUnavailable(f"{op}: circuit open")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await fn()
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            metrics.REDIS_ERRORS.labels(op).inc()
+            raise RedisUnavailable(f"{op}: {type(exc).__name__}: {exc}") from exc
+        self.breaker.success()
+        return result

@@ -1,0 +1,224 @@
+"""Redis key names and the (de)serialization of facts. One place, so the layout cannot drift.
+
+Keys (all under the ``ap:`` prefix):
+- ``ap:apikey:{key_id}`` hash: workspace_id, digest, pepper_version, name, created_at, revoked_at
+- ``ap:ws:{ws}`` hash: org_id, name, suspended, reason, created_at
+- ``ap:org:{org}`` hash: name, suspended, reason, created_at
+- ``ap:grant:{grant_id}`` string: the grant as JSON (kept for every grant ever made)
+- ``ap:sgrants:{subject}`` hash: ``{program}|{product}`` -> JSON of the subject's current grant
+- ``ap:standing:{ws}`` hash: suspended, suspended_at; ``ap:flags:{ws}`` sorted set of flags (score=time)
+- ``ap:audit`` list of JSON entries; ``ap:audit:head`` hash: seq, hash
+- ``ap:usage:{ws}`` hash of counters
+Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{id}``,
+``grants:{subject}``, ``standing:{ws}``, and ``*`` for everything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.policy.facts import GrantMap, Org, Workspace
+
+RawHash = Mapping[Any, Any]  # a hash as redis-py returns it (bytes keys and values)
+from proxy.policy.grants import Approval, Grant
+from proxy.policy.standing import Flag, Standing
+
+PREFIX = "ap:"
+INVALIDATION_CHANNEL = "ap:invalidate"
+AUDIT_LIST = "ap:audit"
+AUDIT_HEAD = "ap:audit:head"
+FLUSH_ALL = "*"
+
+
+def apikey_key(key_id: str) -> str:
+    return f"ap:apikey:{key_id}"
+
+
+def workspace_key(ws: str) -> str:
+    return f"ap:ws:{ws}"
+
+
+def org_key(org: str) -> str:
+    return f"ap:org:{org}"
+
+
+def grant_key(grant_id: str) -> str:
+    return f"ap:grant:{grant_id}"
+
+
+def subject_grants_key(subject: str) -> str:
+    return f"ap:sgrants:{subject}"
+
+
+def standing_key(ws: str) -> str:
+    return f"ap:standing:{ws}"
+
+
+def flags_key(ws: str) -> str:
+    return f"ap:flags:{ws}"
+
+
+def usage_key(ws: str) -> str:
+    return f"ap:usage:{ws}"
+
+
+def org_workspaces_key(org: str) -> str:
+    return f"ap:orgws:{org}"
+
+
+def grant_slot(program: str, product: str) -> str:
+    return f"{program}|{product}"
+
+
+# Cache keys.
+def c_key(key_id: str) -> str:
+    return f"key:{key_id}"
+
+
+def c_ws(ws: str) -> str:
+    return f"ws:{ws}"
+
+
+def c_org(org: str) -> str:
+    return f"org:{org}"
+
+
+def c_grants(subject: str) -> str:
+    return f"grants:{subject}"
+
+
+def c_standing(ws: str) -> str:
+    return f"standing:{ws}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    workspace_id: str
+    digest: bytes
+    pepper_version: str
+    revoked: bool
+    name: str = ""
+    created_at: float = 0.0
+
+
+def _s(raw: RawHash, field: str, default: str = "") -> str:
+    value = raw.get(field.encode())
+    return value.decode() if value is not None else default
+
+
+def key_from_hash(key_id: str, raw: RawHash) -> KeyRecord | None:
+    if not raw:
+        return None
+    return KeyRecord(
+        key_id=key_id,
+        workspace_id=_s(raw, "workspace_id"),
+        digest=bytes.fromhex(_s(raw, "digest")),
+        pepper_version=_s(raw, "pepper_version"),
+        revoked=bool(_s(raw, "revoked_at")),
+        name=_s(raw, "name"),
+        created_at=float(_s(raw, "created_at", "0")),
+    )
+
+
+def workspace_from_hash(ws: str, raw: RawHash) -> Workspace | None:
+    if not raw:
+        return None
+    return Workspace(
+        workspace_id=ws,
+        org_id=_s(raw, "org_id"),
+        name=_s(raw, "name"),
+        suspended=_s(raw, "suspended") == "1",
+    )
+
+
+def org_from_hash(org: str, raw: RawHash) -> Org | None:
+    if not raw:
+        return None
+    return Org(org_id=org, name=_s(raw, "name"), suspended=_s(raw, "suspended") == "1")
+
+
+def grant_to_dict(g: Grant) -> dict[str, Any]:
+    return {
+        "grant_id": g.grant_id,
+        "program": g.program,
+        "product": g.product,
+        "subject": g.subject,
+        "models": list(g.models) if g.models is not None else None,
+        "created_at": g.created_at,
+        "approvals": [{"role": a.role, "reviewer": a.reviewer, "at": a.at} for a in g.approvals],
+        "enable_at": g.enable_at,
+        "expires_at": g.expires_at,
+        "suspended": g.suspended,
+        "revoked": g.revoked,
+    }
+
+
+def grant_to_json(g: Grant) -> str:
+    return json.dumps(grant_to_dict(g), sort_keys=True, separators=(",", ":"))
+
+
+def grant_from_json(raw: bytes | str) -> Grant:
+    d = json.loads(raw)
+    models = d.get("models")
+    return Grant(
+        grant_id=d["grant_id"],
+        program=d["program"],
+        product=d["product"],
+        subject=d["subject"],
+        models=tuple(models) if models is not None else None,
+        created_at=float(d["created_at"]),
+        approvals=tuple(
+            Approval(a["role"], a["reviewer"], float(a["at"])) for a in d.get("approvals", ())
+        ),
+        enable_at=d.get("enable_at"),
+        expires_at=d.get("expires_at"),
+        suspended=bool(d.get("suspended")),
+        revoked=bool(d.get("revoked")),
+    )
+
+
+def grants_from_hash(raw: RawHash) -> GrantMap:
+    out: dict[tuple[str, str], Grant] = {}
+    for value in raw.values():
+        g = grant_from_json(value)
+        out[(g.program, g.product)] = g
+    return out
+
+
+def flag_to_json(f: Flag, flag_id: str) -> str:
+    return json.dumps(
+        {
+            "id": flag_id,
+            "at": f.at,
+            "category": f.category,
+            "severity": f.severity,
+            "source": f.source,
+            "note": f.note,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def flag_from_json(raw: bytes | str) -> Flag:
+    d = json.loads(raw)
+    return Flag(
+        at=float(d["at"]),
+        category=d["category"],
+        severity=int(d["severity"]),
+        source=d["source"],
+        note=d.get("note"),
+    )
+
+
+def standing_from(raw: RawHash, flags: list[Any]) -> Standing:
+    suspended_at = _s(raw, "suspended_at")
+    return Standing(
+        flags=tuple(sorted((flag_from_json(f) for f in flags), key=lambda f: f.at)),
+        suspended=_s(raw, "suspended") == "1",
+        suspended_at=float(suspended_at) if suspended_at else None,
+    )

@@ -1,0 +1,545 @@
+"""Every change to entitlement facts, each with its audit entry in the same MULTI/EXEC.
+
+A change WATCHes the audit head and the keys it reads, plans its writes from what it read, then
+queues the writes and the chained audit entry in one transaction (retried if a watched key moved).
+After EXEC it publishes the cache keys it touched so every replica evicts them (SPEC §5).
+There is no self-service path: these run only for the admin API (and the data plane's upstream
+safety flags).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+from proxy import identity
+from proxy.config import MisuseConfig
+from proxy.policy.facts import Org, Workspace
+from proxy.policy.grants import Approval, Grant
+from proxy.policy.standing import Flag, Standing, StandingView, evaluate_standing
+from proxy.store import schema
+from proxy.store.audit import GENESIS, make_entry
+from proxy.store.invalidation import publish
+from proxy.store.schema import AUDIT_HEAD, AUDIT_LIST, KeyRecord
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    code = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class NotFound(StoreError):
+    code = "not_found"
+
+
+class Conflict(StoreError):
+    code = "conflict"
+
+    def __init__(self, message: str, existing_id: str | None = None) -> None:
+        super().__init__(message)
+        self.existing_id = existing_id
+
+
+class Invalid(StoreError):
+    code = "invalid_body"
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    name: str
+    config_version: str
+
+
+@dataclass
+class Plan:
+    before: Any
+    after: Any
+    apply: Callable[[Pipeline], Any]
+    result: Any = None
+    invalidate: list[str] = field(default_factory=list)
+    target: str | None = None  # when only known after reading
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def workspace_dict(ws: Workspace, reason: str = "") -> dict[str, Any]:
+    return {"id": ws.workspace_id, "org_id": ws.org_id, "name": ws.name, "suspended": ws.suspended}
+
+
+def org_dict(org: Org) -> dict[str, Any]:
+    return {"id": org.org_id, "name": org.name, "suspended": org.suspended}
+
+
+class Writes:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def _transact(
+        self,
+        actor: Actor,
+        action: str,
+        target: str,
+        watch: list[str],
+        plan: Callable[[Pipeline], Awaitable[Plan]],
+        reason: str | None = None,
+    ) -> Any:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(AUDIT_HEAD, *watch)
+                    p = await plan(pipe)
+                    head = await pipe.hgetall(AUDIT_HEAD)
+                    seq = int(head.get(b"seq", b"0")) + 1
+                    prev_raw: Any = head.get(b"hash", GENESIS.encode())
+                    prev = prev_raw.decode()
+                    entry = make_entry(
+                        seq=seq,
+                        prev_hash=prev,
+                        at=time.time(),
+                        actor=actor.name,
+                        action=action,
+                        target=p.target or target,
+                        before=p.before,
+                        after=p.after,
+                        config_version=actor.config_version,
+                        reason=reason,
+                    )
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    p.apply(pipe)
+                    pipe.rpush(AUDIT_LIST, _dump(entry))
+                    pipe.hset(AUDIT_HEAD, mapping={"seq": seq, "hash": entry["hash"]})
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        try:
+            await publish(self.redis, p.invalidate)
+        except (aioredis.RedisError, OSError) as exc:  # bounded by the cache TTL
+            log.warning("invalidation publish failed: %s", exc)
+        return p.result
+
+    # ------------------------------------------------------------------ reads used by writes
+
+    @staticmethod
+    async def _hash(pipe: Pipeline | aioredis.Redis, key: str) -> dict[Any, Any]:
+        return await pipe.hgetall(key)
+
+    async def workspace(self, ws: str) -> Workspace | None:
+        return schema.workspace_from_hash(
+            ws, await self._hash(self.redis, schema.workspace_key(ws))
+        )
+
+    async def org(self, org: str) -> Org | None:
+        return schema.org_from_hash(org, await self._hash(self.redis, schema.org_key(org)))
+
+    async def grant(self, grant_id: str) -> Grant | None:
+        raw = await self.redis.get(schema.grant_key(grant_id))
+        return schema.grant_from_json(raw) if raw else None
+
+    async def key_record(self, key_id: str) -> KeyRecord | None:
+        return schema.key_from_hash(key_id, await self._hash(self.redis, schema.apikey_key(key_id)))
+
+    async def grants(
+        self, subject: str | None, program: str | None, product: str | None
+    ) -> list[Grant]:
+        if subject is not None:
+            raw = await self._hash(self.redis, schema.subject_grants_key(subject))
+            found = [schema.grant_from_json(v) for v in raw.values()]
+        else:
+            found = []
+            async for k in self.redis.scan_iter(match="ap:grant:*", count=500):
+                value = await self.redis.get(k)
+                if value:
+                    found.append(schema.grant_from_json(value))
+        return sorted(
+            (
+                g
+                for g in found
+                if (program is None or g.program == program)
+                and (product is None or g.product == product)
+            ),
+            key=lambda g: g.created_at,
+        )
+
+    async def standing(self, ws: str) -> Standing:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(schema.standing_key(ws))
+            pipe.zrange(schema.flags_key(ws), 0, -1)
+            raw, flags = await pipe.execute()
+        return schema.standing_from(raw, flags)
+
+    async def subject_exists(self, subject: str) -> bool:
+        kind, _, ident = subject.partition(":")
+        if kind == "org":
+            return bool(await self.redis.exists(schema.org_key(ident)))
+        if kind == "workspace":
+            return bool(await self.redis.exists(schema.workspace_key(ident)))
+        return False
+
+    # ------------------------------------------------------------------ orgs and workspaces
+
+    async def create_org(self, actor: Actor, org_id: str, name: str) -> Org:
+        key = schema.org_key(org_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            if await pipe.exists(key):
+                raise Conflict(f"org {org_id} already exists", org_id)
+            org = Org(org_id, name)
+            now = time.time()
+            return Plan(
+                None,
+                org_dict(org),
+                lambda p: p.hset(key, mapping={"name": name, "suspended": "0", "created_at": now}),
+                org,
+                [schema.c_org(org_id)],
+            )
+
+        return await self._transact(actor, "org.create", f"org:{org_id}", [key], plan)  # type: ignore[no-any-return]
+
+    async def create_workspace(self, actor: Actor, ws_id: str, org_id: str, name: str) -> Workspace:
+        key = schema.workspace_key(ws_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            if await pipe.exists(key):
+                raise Conflict(f"workspace {ws_id} already exists", ws_id)
+            if not await pipe.exists(schema.org_key(org_id)):
+                raise Invalid(f"org {org_id!r} does not exist", "org_id")
+            ws = Workspace(ws_id, org_id, name)
+            now = time.time()
+
+            def apply(p: Pipeline) -> None:
+                p.hset(
+                    key,
+                    mapping={"org_id": org_id, "name": name, "suspended": "0", "created_at": now},
+                )
+                p.sadd(schema.org_workspaces_key(org_id), ws_id)
+
+            return Plan(None, workspace_dict(ws), apply, ws, [schema.c_ws(ws_id)])
+
+        return await self._transact(  # type: ignore[no-any-return]
+            actor, "workspace.create", f"workspace:{ws_id}", [key, schema.org_key(org_id)], plan
+        )
+
+    async def set_workspace_suspended(
+        self, actor: Actor, ws_id: str, suspended: bool, reason: str
+    ) -> Workspace:
+        """Suspend, or reinstate: reinstating also lifts a misuse suspension."""
+        key = schema.workspace_key(ws_id)
+        skey = schema.standing_key(ws_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            ws = schema.workspace_from_hash(ws_id, await self._hash(pipe, key))
+            if ws is None:
+                raise NotFound(f"workspace {ws_id} not found")
+            standing = await self._hash(pipe, skey)
+            misuse = standing.get(b"suspended") == b"1"
+            after = replace(ws, suspended=suspended)
+
+            def apply(p: Pipeline) -> None:
+                p.hset(key, mapping={"suspended": "1" if suspended else "0", "reason": reason})
+                if not suspended and misuse:
+                    p.hset(skey, mapping={"suspended": "0", "suspended_at": ""})
+
+            before = {**workspace_dict(ws), "misuse_suspended": misuse}
+            after_d = {**workspace_dict(after), "misuse_suspended": misuse and suspended}
+            return Plan(
+                before,
+                after_d,
+                apply,
+                after,
+                [schema.c_ws(ws_id), schema.c_standing(ws_id)],
+            )
+
+        action = "workspace.suspend" if suspended else "workspace.reinstate"
+        return await self._transact(  # type: ignore[no-any-return]
+            actor, action, f"workspace:{ws_id}", [key, skey], plan, reason
+        )
+
+    async def set_org_suspended(
+        self, actor: Actor, org_id: str, suspended: bool, reason: str
+    ) -> Org:
+        key = schema.org_key(org_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            org = schema.org_from_hash(org_id, await self._hash(pipe, key))
+            if org is None:
+                raise NotFound(f"org {org_id} not found")
+            after = replace(org, suspended=suspended)
+            return Plan(
+                org_dict(org),
+                org_dict(after),
+                lambda p: p.hset(
+                    key, mapping={"suspended": "1" if suspended else "0", "reason": reason}
+                ),
+                after,
+                [schema.c_org(org_id)],
+            )
+
+        action = "org.suspend" if suspended else "org.reinstate"
+        return await self._transact(actor, action, f"org:{org_id}", [key], plan, reason)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ keys
+
+    async def issue_key(
+        self, actor: Actor, ws_id: str, name: str, peppers: identity.Peppers
+    ) -> tuple[str, str]:
+        key_id, key = identity.new_key()
+        digest = peppers.digest(key)
+        assert digest is not None
+        rkey = schema.apikey_key(key_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            if not await pipe.exists(schema.workspace_key(ws_id)):
+                raise NotFound(f"workspace {ws_id} not found")
+            now = time.time()
+            return Plan(
+                None,
+                {"key_id": key_id, "workspace_id": ws_id, "name": name},
+                lambda p: p.hset(
+                    rkey,
+                    mapping={
+                        "workspace_id": ws_id,
+                        "digest": digest.hex(),
+                        "pepper_version": peppers.current,
+                        "name": name,
+                        "created_at": now,
+                        "revoked_at": "",
+                    },
+                ),
+                (key_id, key),
+                [schema.c_key(key_id)],
+            )
+
+        return await self._transact(  # type: ignore[no-any-return]
+            actor, "key.issue", f"key:{key_id}", [rkey, schema.workspace_key(ws_id)], plan
+        )
+
+    async def revoke_key(self, actor: Actor, key_id: str) -> None:
+        rkey = schema.apikey_key(key_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            rec = schema.key_from_hash(key_id, await self._hash(pipe, rkey))
+            if rec is None:
+                raise NotFound(f"key {key_id} not found")
+            summary = {"key_id": key_id, "workspace_id": rec.workspace_id, "name": rec.name}
+            return Plan(
+                {**summary, "revoked": rec.revoked},
+                {**summary, "revoked": True},
+                lambda p: p.hset(rkey, "revoked_at", time.time()),
+                None,
+                [schema.c_key(key_id)],
+            )
+
+        await self._transact(actor, "key.revoke", f"key:{key_id}", [rkey], plan)
+
+    # ------------------------------------------------------------------ grants
+
+    async def create_grant(
+        self,
+        actor: Actor,
+        program: str,
+        product: str,
+        subject: str,
+        models: tuple[str, ...] | None,
+        expires_at: float | None,
+    ) -> Grant:
+        skey = schema.subject_grants_key(subject)
+        slot = schema.grant_slot(program, product)
+        grant = Grant(
+            grant_id="gr_" + uuid.uuid4().hex[:20],
+            program=program,
+            product=product,
+            subject=subject,
+            models=models,
+            created_at=time.time(),
+            expires_at=expires_at,
+        )
+
+        async def plan(pipe: Pipeline) -> Plan:
+            if not await self.subject_exists(subject):
+                raise Invalid(f"subject {subject!r} does not exist", "subject")
+            existing = await pipe.hget(skey, slot)
+            if existing:
+                old = schema.grant_from_json(existing)
+                if not old.revoked:
+                    raise Conflict(
+                        f"a grant for {program} on {product} for {subject} exists",
+                        old.grant_id,
+                    )
+            text = schema.grant_to_json(grant)
+
+            def apply(p: Pipeline) -> None:
+                p.set(schema.grant_key(grant.grant_id), text)
+                p.hset(skey, slot, text)
+
+            return Plan(None, schema.grant_to_dict(grant), apply, grant, [schema.c_grants(subject)])
+
+        return await self._transact(  # type: ignore[no-any-return]
+            actor, "grant.create", f"grant:{grant.grant_id}", [skey], plan
+        )
+
+    async def update_grant(
+        self,
+        actor: Actor,
+        action: str,
+        grant_id: str,
+        change: Callable[[Grant], Grant],
+        reason: str | None = None,
+    ) -> Grant:
+        gkey = schema.grant_key(grant_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            raw = await pipe.get(gkey)
+            if not raw:
+                raise NotFound(f"grant {grant_id} not found")
+            old = schema.grant_from_json(raw)
+            if old.revoked:
+                raise Conflict(f"grant {grant_id} is revoked; request a new grant", grant_id)
+            new = change(old)
+            skey = schema.subject_grants_key(old.subject)
+            slot = schema.grant_slot(old.program, old.product)
+            text = schema.grant_to_json(new)
+
+            def apply(p: Pipeline) -> None:
+                p.set(gkey, text)
+                p.hset(skey, slot, text)
+
+            return Plan(
+                schema.grant_to_dict(old),
+                schema.grant_to_dict(new),
+                apply,
+                new,
+                [schema.c_grants(old.subject)],
+            )
+
+        return await self._transact(actor, action, f"grant:{grant_id}", [gkey], plan, reason)  # type: ignore[no-any-return]
+
+    async def approve_grant(self, actor: Actor, grant_id: str, role: str, reviewer: str) -> Grant:
+        def change(g: Grant) -> Grant:
+            for a in g.approvals:
+                if a.role == role:
+                    raise Conflict(f"role {role} already approved this grant", g.grant_id)
+                if a.reviewer == reviewer:
+                    raise Conflict(
+                        f"reviewer {reviewer} already approved this grant as {a.role}; "
+                        "each role needs a different reviewer",
+                        g.grant_id,
+                    )
+            return replace(g, approvals=(*g.approvals, Approval(role, reviewer, time.time())))
+
+        return await self.update_grant(actor, "grant.approve", grant_id, change)
+
+    async def enable_grant(self, actor: Actor, grant_id: str, at: float) -> Grant:
+        return await self.update_grant(
+            actor, "grant.enable", grant_id, lambda g: replace(g, enable_at=at)
+        )
+
+    async def set_grant_flag(self, actor: Actor, grant_id: str, action: str, reason: str) -> Grant:
+        """``suspend``, ``reinstate`` or ``revoke`` (final)."""
+        changes: dict[str, Callable[[Grant], Grant]] = {
+            "suspend": lambda g: replace(g, suspended=True),
+            "reinstate": lambda g: replace(g, suspended=False),
+            "revoke": lambda g: replace(g, revoked=True),
+        }
+        return await self.update_grant(actor, f"grant.{action}", grant_id, changes[action], reason)
+
+    # ------------------------------------------------------------------ misuse standing
+
+    async def add_flag(
+        self, actor: Actor, ws_id: str, flag: Flag, misuse: MisuseConfig
+    ) -> tuple[StandingView, StandingView]:
+        """Record a flag; a score reaching a suspending tier records a misuse suspension.
+
+        Returns the standing before and after, so the caller can count a tier transition.
+        """
+        skey, fkey = schema.standing_key(ws_id), schema.flags_key(ws_id)
+        flag_id = uuid.uuid4().hex[:16]
+
+        async def plan(pipe: Pipeline) -> Plan:
+            if not await pipe.exists(schema.workspace_key(ws_id)):
+                raise NotFound(f"workspace {ws_id} not found")
+            raw = await self._hash(pipe, skey)
+            flags = await pipe.zrange(fkey, 0, -1)
+            before_s = schema.standing_from(raw, flags)
+            before = evaluate_standing(before_s, misuse, flag.at)
+            after_s = Standing(
+                tuple(sorted((*before_s.flags, flag), key=lambda f: f.at)),
+                before_s.suspended,
+                before_s.suspended_at,
+            )
+            after = evaluate_standing(after_s, misuse, flag.at)
+            newly_suspended = after.suspended and not before_s.suspended
+
+            def apply(p: Pipeline) -> None:
+                p.zadd(fkey, {schema.flag_to_json(flag, flag_id): flag.at})
+                p.zremrangebyscore(fkey, "-inf", f"({flag.at - misuse.window_seconds}")
+                if newly_suspended:
+                    p.hset(skey, mapping={"suspended": "1", "suspended_at": flag.at})
+
+            return Plan(
+                _standing_summary(before),
+                {
+                    **_standing_summary(after),
+                    "flag": {
+                        "id": flag_id,
+                        "category": flag.category,
+                        "severity": flag.severity,
+                        "source": flag.source,
+                    },
+                },
+                apply,
+                (before, after),
+                [schema.c_standing(ws_id)],
+            )
+
+        return await self._transact(  # type: ignore[no-any-return]
+            actor, "standing.flag", f"workspace:{ws_id}", [skey, fkey], plan, flag.note
+        )
+
+    async def clear_standing(
+        self, actor: Actor, ws_id: str, reason: str, misuse: MisuseConfig
+    ) -> StandingView:
+        """Remove the flags (score 0). A misuse suspension stays until a reinstate."""
+        skey, fkey = schema.standing_key(ws_id), schema.flags_key(ws_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            if not await pipe.exists(schema.workspace_key(ws_id)):
+                raise NotFound(f"workspace {ws_id} not found")
+            raw = await self._hash(pipe, skey)
+            flags = await pipe.zrange(fkey, 0, -1)
+            before_s = schema.standing_from(raw, flags)
+            now = time.time()
+            before = evaluate_standing(before_s, misuse, now)
+            after = evaluate_standing(Standing((), before_s.suspended), misuse, now)
+            return Plan(
+                {**_standing_summary(before), "flags": len(before_s.flags)},
+                _standing_summary(after),
+                lambda p: p.delete(fkey),
+                after,
+                [schema.c_standing(ws_id)],
+            )
+
+        return await self._transact(  # type: ignore[no-any-return]
+            actor, "standing.clear", f"workspace:{ws_id}", [skey, fkey], plan, reason
+        )
+
+
+def _standing_summary(view: StandingView) -> dict[str, Any]:
+    return {"score": view.score, "tier": view.tier_name, "until": view.cooldown_until}
