@@ -211,7 +211,12 @@ class ConfigIssue:
 
     def format(self, source: str) -> str:
         where = f"{source}:{self.line}" if self.line is not None else source
-        return f"{where}: {self.path or '<root>'}: {self.message}"
+        return f"{where}: {_printable(self.path) or '<root>'}: {_printable(self.message)}"
+
+
+def _printable(text: str) -> str:
+    """Escape control characters (a YAML key may hold a newline) so an issue stays one line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class ConfigError(Exception):
@@ -227,41 +232,82 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------- YAML with lines
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, int | None]:
+    """One line for a YAML error (PyYAML's own text spans several lines with a source excerpt)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        context = exc.context
+        if context and exc.context_mark is not None and exc.context_mark is not mark:
+            context = f"{context} (line {exc.context_mark.line + 1})"
+        text = ", ".join(part for part in (context, exc.problem) if part)
+        if mark is not None:
+            text = f"{text} (column {mark.column + 1})"
+        return text, mark.line + 1 if mark is not None else None
+    return " ".join(str(exc).split()), None
+
+
 def _compose(text: str, source: str) -> tuple[Any, dict[str, int]]:
     """Parse YAML and remember the line of every key path (1-based)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError(source, [ConfigIssue("", f"YAML syntax error: {exc}", line)]) from None
+        problem, line = _yaml_problem(exc)
+        issue = ConfigIssue("", f"YAML syntax error: {problem}", line)
+        raise ConfigError(source, [issue]) from None
+    except RecursionError:
+        raise ConfigError(source, [ConfigIssue("", "YAML nesting is too deep")]) from None
     lines: dict[str, int] = {}
+    issues: list[ConfigIssue] = []
+    constructor = yaml.SafeLoader("")
+    open_nodes: set[int] = set()  # nodes being walked: an alias back to one is a cycle
+
+    def scalar(n: yaml.Node, path: str) -> Any:
+        try:
+            return constructor.construct_object(n)
+        except yaml.YAMLError as exc:
+            problem, _ = _yaml_problem(exc)
+            issues.append(ConfigIssue(path, f"unsupported YAML: {problem}", n.start_mark.line + 1))
+            return None
 
     def walk(n: yaml.Node | None, path: str) -> Any:
         if n is None:
             return None
         lines.setdefault(path, n.start_mark.line + 1)
+        if id(n) in open_nodes:
+            issues.append(ConfigIssue(path, "recursive YAML alias", n.start_mark.line + 1))
+            return None
         if isinstance(n, yaml.MappingNode):
+            open_nodes.add(id(n))
             out: dict[Any, Any] = {}
             for k, v in n.value:
-                key = yaml.SafeLoader("").construct_object(k)
+                line = k.start_mark.line + 1
+                if not isinstance(k, yaml.ScalarNode):
+                    issues.append(ConfigIssue(path, "a mapping key must be a plain scalar", line))
+                    continue
+                if k.tag == "tag:yaml.org,2002:merge":
+                    issues.append(ConfigIssue(path, "merge keys (<<) are not supported", line))
+                    continue
+                key = scalar(k, path)
                 sub = f"{path}.{key}" if path else str(key)
                 if key in out:
-                    lines.setdefault(sub + "#dup", k.start_mark.line + 1)
-                    dup_issues.append(
-                        ConfigIssue(sub, "duplicate key", k.start_mark.line + 1),
-                    )
-                lines[sub] = k.start_mark.line + 1
+                    issues.append(ConfigIssue(sub, "duplicate key", line))
+                lines[sub] = line
                 out[key] = walk(v, sub)
+            open_nodes.discard(id(n))
             return out
         if isinstance(n, yaml.SequenceNode):
-            return [walk(v, f"{path}[{i}]") for i, v in enumerate(n.value)]
-        return yaml.SafeLoader("").construct_object(n)
+            open_nodes.add(id(n))
+            items = [walk(v, f"{path}[{i}]") for i, v in enumerate(n.value)]
+            open_nodes.discard(id(n))
+            return items
+        return scalar(n, path)
 
-    dup_issues: list[ConfigIssue] = []
-    data = walk(node, "")
-    if dup_issues:
-        raise ConfigError(source, dup_issues)
+    try:
+        data = walk(node, "")
+    except RecursionError:
+        raise ConfigError(source, [ConfigIssue("", "YAML nesting is too deep")]) from None
+    if issues:
+        raise ConfigError(source, issues)
     return data, lines
 
 
@@ -280,12 +326,12 @@ class _Checker:
 
     def err(self, path: str, message: str) -> None:
         line = self.lines.get(path)
-        if line is None:  # fall back to the nearest parent that has a line
+        if line is None:  # fall back to the nearest parent that has a line, but not the root
             parent = path
             while line is None and parent:
                 shorter = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", parent)
                 parent = "" if shorter == parent else shorter
-                line = self.lines.get(parent)
+                line = self.lines.get(parent) if parent else None
         self.issues.append(ConfigIssue(path, message, line))
 
     def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -333,6 +379,11 @@ class _Checker:
         return value
 
 
+def _keys_of(value: Any) -> tuple[str, ...]:
+    """The keys of a mapping whose keys are names (upstreams, programs): any key is allowed."""
+    return tuple(value) if isinstance(value, dict) else ()
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -358,7 +409,10 @@ def _port(v: Any) -> str | None:
 
 
 def _http_url(v: Any) -> str | None:
-    parts = urlsplit(v)
+    try:
+        parts = urlsplit(v)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        return f"must be an http:// or https:// URL ({exc})"
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return "must be an http:// or https:// URL"
     return None
@@ -498,7 +552,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
     upstreams: dict[str, Upstream] = {}
     if "upstreams" not in top:
         c.err("upstreams", "is required")
-    um = c.mapping(top.get("upstreams"), "upstreams", tuple(top.get("upstreams") or ()))
+    um = c.mapping(top.get("upstreams"), "upstreams", _keys_of(top.get("upstreams")))
     for name, raw in um.items():
         p = f"upstreams.{name}"
         m = c.mapping(raw, p, ("url", "api_key_env", "timeouts"))
@@ -516,6 +570,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
         )
 
     routes: list[Route] = []
+    route_keys: set[tuple[str | None, str | None]] = set()
     if "routes" not in top:
         c.err("routes", "is required")
     for i, raw in enumerate(c.get(top, "routes", "", list, []) or []):
@@ -544,8 +599,12 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
             None,
             lambda v: None if v.startswith("/") else "must start with '/'",
         )
+        host = c.get(m, "host", p, str, None)
+        if prefix and (host, prefix) in route_keys:
+            c.err(f"{p}.path_prefix", f"duplicate route for path_prefix {prefix!r}")
+        route_keys.add((host, prefix))
         if prefix and product and upstream:
-            routes.append(Route(prefix, product, upstream, rewrite, c.get(m, "host", p, str, None)))
+            routes.append(Route(prefix, product, upstream, rewrite, host))
     # Longest prefix first, so /codex/v1/ wins over /v1/-style catch-alls regardless of order.
     routes.sort(key=lambda r: (r.host is None, -len(r.path_prefix)))
 
@@ -553,7 +612,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
     program_of_model: dict[str, str] = {}
     if "programs" not in top:
         c.err("programs", "is required")
-    pm = c.mapping(top.get("programs"), "programs", tuple(top.get("programs") or ()))
+    pm = c.mapping(top.get("programs"), "programs", _keys_of(top.get("programs")))
     known_roles = {r.split(":", 1)[1] for t in tokens for r in t.roles if r.startswith("approver:")}
     for name, raw in pm.items():
         p = f"programs.{name}"
@@ -660,6 +719,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
         {"name": "suspended", "min_score": 8},
     ]
     tiers: list[Tier] = []
+    tier_index: dict[str, int] = {}
     tier_names: set[str] = set()
     for i, raw in enumerate(c.get(mm, "tiers", "misuse", list, default_tiers) or []):
         p = f"misuse.tiers[{i}]"
@@ -679,7 +739,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
         if not m:
             continue
         name = c.get(m, "name", p, str)
-        if name in tier_names or name == "normal":
+        if name is not None and (name in tier_names or name == "normal"):
             c.err(f"{p}.name", f"duplicate tier name {name!r}")
         tier_names.add(name)
         tier = Tier(
@@ -693,10 +753,15 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
         )
         if name is not None and tier.min_score is not None:
             tiers.append(tier)
+            tier_index.setdefault(name, i)
     tiers.sort(key=lambda t: t.min_score)
     for a, b in itertools.pairwise(tiers):
         if a.min_score == b.min_score:
-            c.err("misuse.tiers", f"tiers {a.name!r} and {b.name!r} share min_score {a.min_score}")
+            later = max(tier_index[a.name], tier_index[b.name])
+            c.err(
+                f"misuse.tiers[{later}].min_score",
+                f"tiers {a.name!r} and {b.name!r} share min_score {a.min_score}",
+            )
     misuse = MisuseConfig(
         window_seconds=c.get(mm, "window_seconds", "misuse", float, 604800.0, _positive),
         upstream_flag_header=c.get(
@@ -708,7 +773,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
 
     rlm = c.mapping(top.get("rate_limits"), "rate_limits", ("default", "programs"))
     default_rl = _rate_limit(c, rlm.get("default"), "rate_limits.default", None)
-    prm = c.mapping(rlm.get("programs"), "rate_limits.programs", tuple(rlm.get("programs") or ()))
+    prm = c.mapping(rlm.get("programs"), "rate_limits.programs", _keys_of(rlm.get("programs")))
     program_limits: dict[str, RateLimit] = {}
     for name, raw in prm.items():
         if name not in programs:
@@ -722,7 +787,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
         ("cache_write_multiplier", "cached_input_discount", "models"),
     )
     prices: dict[str, Price] = {}
-    pmm = c.mapping(pr.get("models"), "pricing.models", tuple(pr.get("models") or ()))
+    pmm = c.mapping(pr.get("models"), "pricing.models", _keys_of(pr.get("models")))
     for model, raw in pmm.items():
         p = f"pricing.models.{model}"
         m = c.mapping(raw, p, ("input", "output", "cached_input", "cache_write"))
