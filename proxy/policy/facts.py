@@ -33,8 +33,8 @@ class Workspace:
 class Facts:
     workspace: Workspace
     org: Org | None
-    workspace_grants: GrantMap = NO_GRANTS
-    org_grants: GrantMap = NO_GRANTS
+    workspace_grants: GrantMap = field(default_factory=lambda: NO_GRANTS)
+    org_grants: GrantMap = field(default_factory=lambda: NO_GRANTS)
     standing: Standing = field(default_factory=Standing)
 
     def grant_for(self, program: str, product: str) -> Grant | None:

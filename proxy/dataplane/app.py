@@ -1,0 +1,384 @@
+"""The data-plane handler: route → identify → snapshot → facts → decide → limit → forward.
+
+One low-level aiohttp handler serves every path (no router, no middleware on the hot path). A
+request reads the config snapshot once and uses it to the end. Every answer carries
+``x-request-id``; every deny is built from the error table in ``proxy.errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy import identity, metrics
+from proxy.dataplane import headers as hdrs
+from proxy.dataplane.forward import UpstreamError, forward
+from proxy.errors import CODES, DEFAULT_BODIES, error_json
+from proxy.policy import Decision, RequestInfo, decide
+from proxy.policy.facts import Facts
+from proxy.snapshot import Holder, Snapshot
+from proxy.store.cache import EntitlementUnavailable
+from proxy.store.entitlements import Entitlements
+
+log = logging.getLogger(__name__)
+
+_JSON = "application/json"
+_MODELS_PATH = "/v1/models"
+_MODELS_PREFIX = "/v1/models/"
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class BodyError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class Admission:
+    """The answer of the checks after the decision (category, rate limit)."""
+
+    refused_code: str | None = None
+    refused: web.StreamResponse | None = None
+    headers: Mapping[str, str] | None = None  # set on the response before its first byte
+    release: Callable[[], Awaitable[None]] | None = None  # run when the request ends
+
+
+ADMITTED = Admission()
+
+
+@dataclass(slots=True)
+class Hooks:
+    """Steps other rooms plug in around forwarding (rate limits, classifier, misuse flags)."""
+
+    admit: Callable[[Snapshot, Facts, Decision, bytes, str], Awaitable[Admission]] | None = None
+    on_upstream_headers: Callable[[Snapshot, Facts, CIMultiDictProxy[str]], None] | None = None
+
+
+def _request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def presented_key(request: web.BaseRequest) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    return request.headers.get("api-key")
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The whole body, refusing early (by content-length) or as soon as it passes ``limit``."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyError("request_too_large", f"The request body exceeds {limit} bytes.")
+    if not request.body_exists:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyError("request_too_large", f"The request body exceeds {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def model_of(method: str, upstream_path: str, body: bytes, content_type: str) -> str | None:
+    """The model a request names: the JSON body's ``model``, or the id in /v1/models/{id}."""
+    if method in _BODY_METHODS and (body or content_type == _JSON):
+        if content_type not in ("", _JSON) and not content_type.endswith("+json"):
+            return None  # multipart uploads and the like name no model
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BodyError("invalid_request", "The request body is not valid JSON.") from None
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(model, str) or not model:
+            raise BodyError("invalid_request", "The request must name a model.")
+        return model
+    if upstream_path.startswith(_MODELS_PREFIX) and method == "GET":
+        return upstream_path[len(_MODELS_PREFIX) :].split("?", 1)[0] or None
+    return None
+
+
+class DataPlane:
+    def __init__(
+        self,
+        holder: Holder,
+        entitlements: Entitlements,
+        peppers: identity.Peppers,
+        session: aiohttp.ClientSession,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.holder = holder
+        self.entitlements = entitlements
+        self.peppers = peppers
+        self.session = session
+        self.hooks = hooks or Hooks()
+        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ accounting
+
+    def _count(self, product: str, program: str, code: str, started: float) -> None:
+        key = (product, program, code)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = metrics.REQUESTS.labels(product, program, code)
+        counter.inc()
+        hist = self._durations.get(product)
+        if hist is None:
+            hist = self._durations[product] = metrics.REQUEST_DURATION.labels(product)
+        hist.observe(time.perf_counter() - started)
+
+    def deny(
+        self,
+        code: str,
+        rid: str,
+        message: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        body = DEFAULT_BODIES[code] if message is None else error_json(code, message)
+        h = {"x-request-id": rid, "content-type": _JSON}
+        if headers:
+            h.update(headers)
+        return web.Response(status=CODES[code].status, body=body, headers=h)
+
+    # ------------------------------------------------------------------ the handler
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        metrics.INFLIGHT.inc()
+        try:
+            return await self._handle(request, started)
+        finally:
+            metrics.INFLIGHT.dec()
+
+    async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
+        snap = self.holder.current
+        cfg = snap.config
+        rid = _request_id()
+        path = request.raw_path.split("?", 1)[0]
+
+        # Row 1: route.
+        route = cfg.route_for(path, request.host.split(":", 1)[0] if request.host else None)
+        if route is None:
+            self._count("none", "none", "unknown_route", started)
+            return self.deny("unknown_route", rid)
+        product = route.product
+
+        smuggling = hdrs.smuggling_error(request)
+        if smuggling is not None:
+            self._count(product, "none", "invalid_request", started)
+            return self.deny("invalid_request", rid, smuggling)
+
+        # Row 2: key. Rows 3..11 come from the facts.
+        try:
+            facts = await self._identify(request, cfg)
+        except EntitlementUnavailable:
+            self._count(product, "none", "entitlement_unavailable", started)
+            return self.deny("entitlement_unavailable", rid)
+        if facts is None:
+            self._count(product, "none", "invalid_api_key", started)
+            return self.deny("invalid_api_key", rid)
+
+        upstream_path = path
+        if route.rewrite_prefix is not None:
+            upstream_path = route.rewrite_prefix + path[len(route.path_prefix) :]
+
+        body = b""
+        model: str | None = None
+        body_error: BodyError | None = None
+        try:
+            body = await read_body(request, cfg.limits.max_body_bytes)
+            model = model_of(request.method, upstream_path, body, request.content_type)
+        except BodyError as exc:
+            body_error = exc
+
+        decision = decide(
+            facts,
+            cfg,
+            RequestInfo(
+                product,
+                model,
+                body_error.code if body_error else None,
+                body_error.message if body_error else None,
+            ),
+            time.time(),
+        )
+        metrics.DECISION_DURATION.observe(time.perf_counter() - started)
+        program = decision.program.name if decision.program is not None else "none"
+        for rule in decision.shadow_rules:
+            metrics.SHADOW_DECISIONS.labels(rule).inc()
+        if decision.code is not None:
+            self._count(product, program, decision.code, started)
+            extra = None
+            if decision.retry_after is not None:
+                extra = {"retry-after": str(int(decision.retry_after))}
+            message = (
+                body_error.message if body_error and decision.code == body_error.code else None
+            )
+            return self.deny(decision.code, rid, message, extra)
+
+        response_headers: dict[str, str] = {"x-request-id": rid}
+        admission = ADMITTED
+        if self.hooks.admit is not None:
+            admission = await self.hooks.admit(snap, facts, decision, body, rid)
+            if admission.refused is not None:
+                self._count(product, program, admission.refused_code or "refused", started)
+                return admission.refused
+            if admission.headers:
+                response_headers.update(admission.headers)
+        try:
+            return await self._forward(
+                request,
+                snap,
+                route.upstream,
+                upstream_path,
+                body,
+                rid,
+                response_headers,
+                facts,
+                decision,
+                product,
+                program,
+                started,
+            )
+        finally:
+            if admission.release is not None:
+                await admission.release()
+
+    async def _identify(self, request: web.BaseRequest, cfg: Any) -> Facts | None:
+        key = presented_key(request)
+        if not key:
+            return None
+        key_id = identity.key_id_of(key)
+        if key_id is None:
+            return None
+        rec = await self.entitlements.key(key_id, cfg.cache)
+        if rec is None or rec.revoked:
+            return None
+        if not identity.verify(self.peppers, key, rec.digest, rec.pepper_version):
+            return None
+        return await self.entitlements.facts_for(rec.workspace_id, cfg.cache)
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        upstream_name: str,
+        upstream_path: str,
+        body: bytes,
+        rid: str,
+        response_headers: dict[str, str],
+        facts: Facts,
+        decision: Decision,
+        product: str,
+        program: str,
+        started: float,
+    ) -> web.StreamResponse:
+        cfg = snap.config
+        upstream = cfg.upstreams[upstream_name]
+        query = request.rel_url.raw_query_string
+        url_path = upstream_path + ("?" + query if query else "")
+        out_headers = hdrs.upstream_request_headers(
+            request.headers,
+            peer=request.remote,
+            trusted_proxies=cfg.trusted_proxies,
+            upstream_api_key=snap.upstream_keys.get(upstream_name),
+            request_id=rid,
+            host=request.host,
+        )
+        if request.method == "GET" and upstream_path == _MODELS_PATH:
+            return await self._models(
+                snap, upstream_name, url_path, out_headers, facts, product, rid, started
+            )
+
+        on_headers: Callable[[CIMultiDictProxy[str]], None] | None = None
+        if self.hooks.on_upstream_headers is not None:
+            hook = self.hooks.on_upstream_headers
+
+            def on_headers(h: CIMultiDictProxy[str]) -> None:
+                hook(snap, facts, h)
+
+        try:
+            result = await forward(
+                request,
+                session=self.session,
+                upstream=upstream,
+                url_path=url_path,
+                body=body,
+                headers=out_headers,
+                extra_response_headers=response_headers,
+                strip_response_headers=snap.strip_response_headers,
+                on_upstream_headers=on_headers,
+            )
+        except UpstreamError as exc:
+            self._count(product, program, exc.code, started)
+            return self.deny(exc.code, rid)
+        metrics.UPSTREAM_TTFB.labels(upstream_name).observe(result.ttfb_seconds)
+        self._count(product, program, "ok", started)
+        return result.response
+
+    async def _models(
+        self,
+        snap: Snapshot,
+        upstream_name: str,
+        url_path: str,
+        out_headers: Any,
+        facts: Facts,
+        product: str,
+        rid: str,
+        started: float,
+    ) -> web.StreamResponse:
+        """GET /v1/models: the upstream's list filtered to what the caller may use now."""
+        cfg = snap.config
+        upstream = cfg.upstreams[upstream_name]
+        timeout = aiohttp.ClientTimeout(
+            total=upstream.timeouts.first_byte_s, sock_connect=upstream.timeouts.connect_s
+        )
+        try:
+            async with self.session.get(
+                upstream.url + url_path, headers=out_headers, timeout=timeout
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            self._count(product, "none", "upstream_timeout", started)
+            return self.deny("upstream_timeout", rid)
+        except aiohttp.ClientError:
+            self._count(product, "none", "upstream_unavailable", started)
+            return self.deny("upstream_unavailable", rid)
+        if status != 200:
+            self._count(product, "none", "ok", started)
+            return web.Response(status=status, body=raw, headers={"x-request-id": rid})
+        try:
+            doc = json.loads(raw)
+            items = doc["data"]
+        except (ValueError, KeyError, TypeError):
+            self._count(product, "none", "upstream_unavailable", started)
+            return self.deny("upstream_unavailable", rid, "The model list is not valid JSON.")
+        now = time.time()
+        doc["data"] = [
+            item
+            for item in items
+            if isinstance(item, dict)
+            and isinstance(item.get("id"), str)
+            and decide(facts, cfg, RequestInfo(product, item["id"]), now).allowed
+        ]
+        self._count(product, "none", "ok", started)
+        return web.Response(
+            status=200,
+            body=json.dumps(doc).encode(),
+            headers={"x-request-id": rid, "content-type": _JSON},
+        )

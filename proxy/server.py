@@ -1,0 +1,286 @@
+"""Process lifecycle for ``access-proxy serve``: Redis (embedded or external), the data and admin
+listeners, the invalidation subscriber, signals, graceful drain, and ``--workers N``.
+
+With ``--workers N`` a supervisor starts the embedded Redis (if any) and N worker processes that
+share the data and admin ports with SO_REUSEPORT; Prometheus metrics then live in a shared
+multiprocess directory and any worker's ``/metrics`` shows the merged view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from proxy import config as config_mod
+from proxy import identity, metrics
+from proxy.config import Config
+from proxy.dataplane.app import DataPlane, Hooks
+from proxy.dataplane.forward import make_session
+from proxy.redis_server import RedisServer
+from proxy.snapshot import Holder
+from proxy.store.cache import FactCache
+from proxy.store.connection import Breaker, Gate, make_client
+from proxy.store.entitlements import Entitlements
+from proxy.store.invalidation import Subscriber
+from proxy.store.writes import Writes
+
+log = logging.getLogger("access_proxy")
+
+ENV_REDIS_URL = "REDIS_URL"
+ENV_WORKER = "ACCESS_PROXY_WORKER"
+ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def redis_url_for(cfg: Config) -> str:
+    return os.environ.get(ENV_REDIS_URL) or cfg.redis.url
+
+
+def embedded_redis(cfg: Config) -> RedisServer:
+    return RedisServer(Path(cfg.state_dir) / "redis", persistent=True)
+
+
+def metrics_payload() -> bytes:
+    if os.environ.get(ENV_MULTIPROC):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
+
+
+@dataclass
+class Proxy:
+    """One serving process: everything wired, started by ``start`` and drained by ``stop``."""
+
+    holder: Holder
+    redis_url: str
+    peppers: identity.Peppers
+    hooks: Hooks = field(default_factory=Hooks)
+    embedded: RedisServer | None = None
+    reuse_port: bool = False
+    data_port: int | None = None
+    admin_port: int | None = None
+    draining: bool = False
+    admin_extensions: list[Callable[[web.Application, Proxy], None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        cfg = self.holder.current.config
+        self.fast_redis = make_client(self.redis_url, timeout_s=cfg.redis.timeout_ms / 1000)
+        self.admin_redis = make_client(self.redis_url, timeout_s=5.0)
+        self.sub_redis = make_client(self.redis_url, timeout_s=None)
+        self.cache: FactCache[Any] = FactCache(cfg.cache.max_entries)
+        self.gate = Gate(
+            cfg.redis.timeout_ms / 1000,
+            Breaker(cfg.redis.breaker_failures, cfg.redis.breaker_reset_s),
+        )
+        self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
+        self.writes = Writes(self.admin_redis)
+        self.subscriber = Subscriber(self.sub_redis, self.cache)
+        self.subscriber.start()
+        self.session = make_session()
+        self.dataplane = DataPlane(
+            self.holder, self.entitlements, self.peppers, self.session, self.hooks
+        )
+
+        server = web.Server(self.dataplane.handle, handler_cancellation=True)
+        self.data_runner = web.ServerRunner(
+            server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
+        )
+        await self.data_runner.setup()
+        data_site = web.TCPSite(
+            self.data_runner,
+            cfg.listen.host,
+            self.data_port if self.data_port is not None else cfg.listen.port,
+            reuse_port=self.reuse_port or None,
+            backlog=1024,
+        )
+        await data_site.start()
+
+        self.admin_app = self._admin_app()
+        self.admin_runner = web.AppRunner(
+            self.admin_app, shutdown_timeout=5.0, handle_signals=False, access_log=None
+        )
+        await self.admin_runner.setup()
+        admin_site = web.TCPSite(
+            self.admin_runner,
+            cfg.admin.listen.host,
+            self.admin_port if self.admin_port is not None else cfg.admin.listen.port,
+            reuse_port=self.reuse_port or None,
+        )
+        await admin_site.start()
+        self.data_port = _bound_port(self.data_runner)
+        self.admin_port = _bound_port(self.admin_runner)
+        metrics.CONFIG_INFO.labels(cfg.version).set(1)
+
+    def _admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        for extend in self.admin_extensions:
+            extend(app, self)
+        return app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def redis_ok(self) -> bool:
+        try:
+            async with asyncio.timeout(0.5):
+                return bool(await self.admin_redis.ping())
+        except Exception:
+            return False
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        version = self.holder.current.config.version
+        redis_ok = await self.redis_ok()
+        ready = redis_ok and not self.draining
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "config_version": version,
+            "redis": "ok" if redis_ok else "unreachable",
+            "invalidation": "subscribed" if self.subscriber.connected.is_set() else "down",
+            "draining": self.draining,
+        }
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=metrics_payload(), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def stop(self) -> None:
+        """Turn /readyz to 503, stop accepting, drain in-flight requests (up to the grace)."""
+        self.draining = True
+        await self.data_runner.cleanup()
+        await self.admin_runner.cleanup()
+        await self.subscriber.stop()
+        await self.session.close()
+        for client in (self.fast_redis, self.admin_redis, self.sub_redis):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    addrs = runner.addresses
+    return int(addrs[0][1])
+
+
+async def build_proxy(
+    cfg: Config, *, redis_url: str | None = None, reuse_port: bool = False
+) -> Proxy:
+    """Wire a Proxy for ``cfg``, starting the embedded Redis when the URL says so."""
+    url = redis_url or redis_url_for(cfg)
+    embedded: RedisServer | None = None
+    if url == "embedded":
+        embedded = embedded_redis(cfg)
+        await embedded.start()
+        url = embedded.url
+    peppers = identity.load_peppers(
+        cfg.keys.pepper_env,
+        cfg.keys.pepper_file,
+        cfg.state_dir if (embedded is not None or os.environ.get(ENV_WORKER)) else None,
+    )
+    return Proxy(Holder(cfg), url, peppers, embedded=embedded, reuse_port=reuse_port)
+
+
+async def serve(cfg: Config, *, worker: bool = False) -> int:
+    proxy = await build_proxy(cfg, reuse_port=worker)
+    await proxy.start()
+    log.info(
+        "access-proxy serving: data %s:%s, admin %s:%s, config %s",
+        cfg.listen.host,
+        proxy.data_port,
+        cfg.admin.listen.host,
+        proxy.admin_port,
+        cfg.version,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (grace %.0fs)", cfg.shutdown_grace_s)
+    await proxy.stop()
+    if proxy.embedded is not None:
+        await proxy.embedded.stop()
+    return 0
+
+
+def supervise(cfg: Config, config_path: str, workers: int) -> int:
+    """Run ``workers`` serve processes on shared ports; forward signals; stop Redis last."""
+    redis: RedisServer | None = None
+    env = dict(os.environ)
+    url = redis_url_for(cfg)
+    if url == "embedded":
+        redis = embedded_redis(cfg)
+        redis.start_sync()
+        env[ENV_REDIS_URL] = redis.url
+    peppers_dir = cfg.state_dir
+    identity.load_peppers(cfg.keys.pepper_env, cfg.keys.pepper_file, peppers_dir)
+    multiproc = tempfile.mkdtemp(prefix="access-proxy-metrics-")
+    env[ENV_MULTIPROC] = multiproc
+    env[ENV_WORKER] = "1"
+    cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", config_path, "--workers", "1"]
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+
+    def forward(sig: int, _frame: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = 0
+    try:
+        while True:
+            alive = [p for p in procs if p.poll() is None]
+            if not alive:
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                alive[0].wait(timeout=0.5)
+        code = max((p.returncode or 0) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if redis is not None:
+            redis.stop_sync()
+        for f in Path(multiproc).glob("*.db"):
+            f.unlink()
+        with contextlib.suppress(OSError):
+            Path(multiproc).rmdir()
+    return code
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("ACCESS_PROXY_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def run_serve(config_path: str | None, workers: int) -> int:
+    configure_logging()
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    path = cfg.source
+    if workers > 1 and not os.environ.get(ENV_WORKER):
+        return supervise(cfg, path, workers)
+    return asyncio.run(serve(cfg, worker=bool(os.environ.get(ENV_WORKER))))

@@ -1,0 +1,49 @@
+"""The current config snapshot and what is derived from it once per config, not per request.
+
+``Holder.current`` is read once at the start of a request and that object is used to the end;
+a reload replaces the attribute in one assignment, so requests in flight keep their snapshot and
+no lock sits on the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from yarl import URL
+
+from proxy.config import Config
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: Config
+    upstream_urls: Mapping[str, URL]
+    upstream_keys: Mapping[str, str | None]
+    strip_response_headers: frozenset[str]
+
+    @classmethod
+    def of(cls, cfg: Config) -> Snapshot:
+        return cls(
+            config=cfg,
+            upstream_urls=MappingProxyType({n: URL(u.url) for n, u in cfg.upstreams.items()}),
+            upstream_keys=MappingProxyType(
+                {
+                    n: (os.environ.get(u.api_key_env) or None) if u.api_key_env else None
+                    for n, u in cfg.upstreams.items()
+                }
+            ),
+            strip_response_headers=frozenset({cfg.misuse.upstream_flag_header}),
+        )
+
+
+class Holder:
+    def __init__(self, cfg: Config) -> None:
+        self.current = Snapshot.of(cfg)
+
+    def swap(self, cfg: Config) -> Snapshot:
+        snap = Snapshot.of(cfg)
+        self.current = snap
+        return snap
