@@ -1,5 +1,5 @@
 """The config schema (SPEC §8): parse one YAML file, validate all of it with located errors, and
-build an immutable ``Config`` snapshot; ``diff`` says what changes in effect between two.
+build an immutable ``Config`` snapshot (``proxy.configdiff`` says what changes between two).
 
 A snapshot is never mutated. A request takes the current snapshot once and uses it to the end,
 so a reload never changes a request halfway.
@@ -24,7 +24,8 @@ import yaml
 DEFAULT_PATH = "config/proxy.yaml"
 PHASES = ("closed", "preview", "ga")
 ROLES = ("operator", "viewer")  # plus "approver:<role>"
-RESTART_ONLY = ("listen", "admin.listen", "redis.url", "workers", "state_dir")
+# Settings a running process keeps until restart (the worker count is a command-line flag).
+RESTART_ONLY = ("listen", "admin.listen", "redis.url", "state_dir")
 
 
 # --------------------------------------------------------------------------- snapshot types
