@@ -7,6 +7,7 @@ request reads the config snapshot once and uses it to the end. Every answer carr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -256,7 +257,8 @@ class DataPlane:
             )
         finally:
             if admission.release is not None:
-                await admission.release()
+                # Shielded: a client disconnect cancels the handler, not the slot release.
+                await asyncio.shield(admission.release())
 
     async def _identify(self, request: web.BaseRequest, cfg: Any) -> Facts | None:
         key = presented_key(request)

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from proxy import identity
+from proxy import identity, metrics
 from proxy.config import MisuseConfig
 from proxy.policy.facts import Org, Workspace
 from proxy.policy.grants import Approval, Grant
@@ -509,9 +509,17 @@ class Writes:
                 [schema.c_standing(ws_id)],
             )
 
-        return await self._transact(  # type: ignore[no-any-return]
+        before, after = await self._transact(
             actor, "standing.flag", f"workspace:{ws_id}", [skey, fkey], plan, flag.note
         )
+        known = {c for t in misuse.tiers for c in t.blocked_categories}
+        metrics.MISUSE_FLAGS.labels(
+            flag.category if flag.category in known else "other",
+            "upstream" if flag.source == "upstream" else "admin",
+        ).inc()
+        if after.tier_name != before.tier_name:
+            metrics.TIER_TRANSITIONS.labels(after.tier_name).inc()
+        return before, after
 
     async def clear_standing(
         self, actor: Actor, ws_id: str, reason: str, misuse: MisuseConfig

@@ -1,0 +1,66 @@
+"""The checks after the pure decision that need the network (SPEC §3.4 rows 11 and 12):
+the category classifier, then the rate limit and concurrency cap. Plugged into the handler as
+``Hooks.admit``."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+from proxy.store.ratelimit import RateLimiter
+
+from proxy import metrics
+from proxy.dataplane.app import ADMITTED, Admission
+from proxy.dataplane.classifier import classify
+from proxy.errors import CODES, DEFAULT_BODIES
+from proxy.policy import Decision
+from proxy.policy.facts import Facts
+from proxy.snapshot import Snapshot
+
+
+def _refuse(code: str, rid: str, headers: dict[str, str] | None = None) -> Admission:
+    h = {"x-request-id": rid, "content-type": "application/json"}
+    if headers:
+        h.update(headers)
+    return Admission(
+        refused_code=code,
+        refused=web.Response(status=CODES[code].status, body=DEFAULT_BODIES[code], headers=h),
+    )
+
+
+class Admitter:
+    def __init__(self, session: aiohttp.ClientSession, limiter: RateLimiter | None) -> None:
+        self.session = session
+        self.limiter = limiter
+        self._classifier_open = metrics.FAILURE_MODE.labels("classifier", "open")
+        self._classifier_closed = metrics.FAILURE_MODE.labels("classifier", "closed")
+
+    async def admit(
+        self, snap: Snapshot, facts: Facts, decision: Decision, body: bytes, rid: str
+    ) -> Admission:
+        cfg = snap.config
+        # Row 11: only asked where the tier or program blocks some category.
+        if decision.blocked_categories and cfg.misuse.classifier.url is not None:
+            categories = await classify(self.session, cfg.misuse.classifier, body)
+            if categories is None:
+                if cfg.misuse.classifier.fail_mode == "closed":
+                    self._classifier_closed.inc()
+                    return _refuse("category_blocked", rid)
+                self._classifier_open.inc()
+            elif categories & decision.blocked_categories:
+                return _refuse("category_blocked", rid)
+
+        # Row 12.
+        limit = decision.rate_limit
+        if self.limiter is None or limit is None:
+            return ADMITTED
+        program = decision.program.name if decision.program is not None else None
+        result = await self.limiter.acquire(facts.workspace.workspace_id, program, limit)
+        headers = result.headers()
+        if not result.allowed:
+            return _refuse("rate_limit_exceeded", rid, headers)
+        limiter = self.limiter
+
+        async def release() -> None:
+            await limiter.release(result)
+
+        return Admission(headers=headers, release=release if result.slot is not None else None)

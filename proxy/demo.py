@@ -1,0 +1,395 @@
+"""``access-proxy demo``: everything on one machine for a first look (SPEC §2).
+
+Starts a private Redis, the bundled mock upstream and the proxy; seeds orgs, workspaces, keys and
+grants through the admin API, exactly as an operator would (the equivalent ``access-proxy admin``
+commands are printed); then prints the keys, the admin tokens and ready-to-paste ``curl`` and
+``openai`` SDK commands that show an allowed call and every kind of deny. Ctrl-C stops it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from proxy import config as config_mod
+from proxy.mock_upstream import MockUpstream
+from proxy.redis_server import RedisServer
+from proxy.server import build_proxy, configure_logging
+
+ROLES = {
+    "ops": ["operator"],
+    "provider-review": ["approver:provider"],
+    "gov-review": ["approver:government"],
+    "dashboards": ["viewer"],
+}
+
+
+@dataclass
+class Case:
+    title: str
+    key_name: str
+    path: str
+    model: str
+    expect: str
+
+
+def demo_config(
+    base: Path, port: int, admin_port: int, upstream_port: int
+) -> tuple[str, dict[str, str]]:
+    """The shipped config with the demo's ports and fresh admin tokens."""
+    data = yaml.safe_load(Path(base).read_text())
+    tokens = {name: secrets.token_urlsafe(24) for name in ROLES}
+    data["listen"] = {"host": "127.0.0.1", "port": port}
+    data["admin"] = {
+        "listen": {"host": "127.0.0.1", "port": admin_port},
+        "tokens": [
+            {"name": n, "sha256": hashlib.sha256(t.encode()).hexdigest(), "roles": ROLES[n]}
+            for n, t in tokens.items()
+        ],
+    }
+    data["upstreams"]["models"]["url"] = f"http://127.0.0.1:{upstream_port}"
+    data["pricing"]["models"]["gpt-5.6-terra"] = {"input": 5.0, "output": 20.0}
+    return yaml.safe_dump(data, sort_keys=False), tokens
+
+
+class AdminCalls:
+    """The operator's side of the demo: admin API calls, each echoed as its CLI command."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, tokens: dict[str, str]) -> None:
+        self.session = session
+        self.url = url
+        self.tokens = tokens
+        self.commands: list[str] = []
+
+    async def call(self, who: str, method: str, path: str, body: Any, cli: str) -> Any:
+        self.commands.append(f"access-proxy admin {cli}")
+        async with self.session.request(
+            method,
+            self.url + path,
+            json=body,
+            headers={"authorization": f"Bearer {self.tokens[who]}"},
+        ) as resp:
+            doc = await resp.json()
+            if resp.status >= 300:
+                raise RuntimeError(f"{method} {path} -> {resp.status}: {doc}")
+            return doc
+
+
+async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
+    a = admin.call
+    await a("ops", "POST", "/admin/v1/orgs", {"id": "acme", "name": "Acme"}, "orgs create acme")
+    await a(
+        "ops", "POST", "/admin/v1/orgs", {"id": "globex", "name": "Globex"}, "orgs create globex"
+    )
+    await a(
+        "ops", "POST", "/admin/v1/orgs", {"id": "initech", "name": "Initech"}, "orgs create initech"
+    )
+    for ws, org in [
+        ("acme-research", "acme"),
+        ("acme-prod", "acme"),
+        ("acme-contractors", "acme"),
+        ("globex-main", "globex"),
+        ("initech-lab", "initech"),
+    ]:
+        await a(
+            "ops",
+            "POST",
+            "/admin/v1/workspaces",
+            {"id": ws, "org_id": org},
+            f"workspaces create {ws} --org {org}",
+        )
+    keys: dict[str, str] = {}
+    for ws in ["acme-research", "acme-prod", "acme-contractors", "globex-main", "initech-lab"]:
+        doc = await a(
+            "ops", "POST", f"/admin/v1/workspaces/{ws}/keys", {"name": "demo"}, f"keys issue {ws}"
+        )
+        keys[ws] = doc["key"]
+    doc = await a(
+        "ops",
+        "POST",
+        "/admin/v1/workspaces/acme-research/keys",
+        {"name": "old"},
+        "keys issue acme-research",
+    )
+    keys["revoked"] = doc["key"]
+    await a(
+        "ops", "DELETE", f"/admin/v1/keys/{doc['key_id']}", None, f"keys revoke {doc['key_id']}"
+    )
+
+    async def grant(subject: str, program: str, product: str, **extra: Any) -> str:
+        body = {"program": program, "product": product, "subject": subject, **extra}
+        doc = await a(
+            "ops",
+            "POST",
+            "/admin/v1/grants",
+            body,
+            f"grants request --program {program} --product {product} --subject {subject}",
+        )
+        return str(doc["grant_id"])
+
+    async def approve(gid: str, roles: tuple[str, ...] = ("provider", "government")) -> None:
+        reviewers = {
+            "provider": ("provider-review", "alice"),
+            "government": ("gov-review", "grace"),
+        }
+        for role in roles:
+            who, reviewer = reviewers[role]
+            await a(
+                who,
+                "POST",
+                f"/admin/v1/grants/{gid}/approve",
+                {"role": role, "reviewer": reviewer},
+                f"grants approve {gid} --role {role} --reviewer {reviewer}",
+            )
+
+    async def enable(gid: str, at: str | None = None) -> None:
+        await a(
+            "ops",
+            "POST",
+            f"/admin/v1/grants/{gid}/enable",
+            {"at": at} if at else {},
+            f"grants enable {gid}" + (f" --at {at}" if at else ""),
+        )
+
+    # Acme is approved for the preview on the API, org-wide, and enabled now.
+    g = await grant("org:acme", "gpt-5.6-preview", "api")
+    await approve(g)
+    await enable(g)
+    # ...but acme-prod's own grant is suspended: the workspace grant decides.
+    g = await grant("workspace:acme-prod", "gpt-5.6-preview", "api")
+    await approve(g)
+    await enable(g)
+    await a(
+        "ops",
+        "POST",
+        f"/admin/v1/grants/{g}/suspend",
+        {"reason": "demo"},
+        f"grants suspend {g} --reason demo",
+    )
+    # Codex for Acme awaits the government's sign-off.
+    g = await grant("org:acme", "gpt-5.6-preview", "codex")
+    await approve(g, ("provider",))
+    # Globex: approved, switched on in a later wave.
+    g = await grant("org:globex", "gpt-5.6-preview", "api")
+    await approve(g)
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7 * 86400))
+    await enable(g, later)
+    # Initech took part in the alpha: that does not carry over to the preview.
+    g = await grant("org:initech", "gpt-5.5-alpha", "api")
+    await approve(g, ("provider",))
+    await enable(g)
+    # acme-contractors: the workspace is suspended by an operator.
+    await a(
+        "ops",
+        "POST",
+        "/admin/v1/workspaces/acme-contractors/suspend",
+        {"reason": "demo"},
+        "workspaces suspend acme-contractors --reason demo",
+    )
+    cases = [
+        Case("allowed: org grant, enabled", "acme-research", "/v1", "gpt-5.6-sol", "200"),
+        Case("allowed: model in no program", "globex-main", "/v1", "gpt-4o-mini", "200"),
+        Case("401 invalid_api_key: revoked key", "revoked", "/v1", "gpt-5.6-sol", "401"),
+        Case(
+            "403 workspace_suspended",
+            "acme-contractors",
+            "/v1",
+            "gpt-5.6-sol",
+            "403 workspace_suspended",
+        ),
+        Case(
+            "403 product_unavailable: chatgpt is closed",
+            "acme-research",
+            "/chatgpt/v1",
+            "gpt-5.6-sol",
+            "403 product_unavailable",
+        ),
+        Case("allowed: alpha grant, alpha model", "initech-lab", "/v1", "gpt-5.5-alpha", "200"),
+        Case(
+            "404 model_not_found: alpha does not carry over",
+            "initech-lab",
+            "/v1",
+            "gpt-5.6-sol",
+            "404 model_not_found",
+        ),
+        Case(
+            "404 model_not_found: an api grant does not open codex",
+            "globex-main",
+            "/codex/v1",
+            "gpt-5.6-sol",
+            "404 model_not_found",
+        ),
+        Case(
+            "403 access_pending_review: codex awaits government",
+            "acme-research",
+            "/codex/v1",
+            "gpt-5.6-sol",
+            "403 access_pending_review",
+        ),
+        Case(
+            "403 access_not_yet_enabled: next wave",
+            "globex-main",
+            "/v1",
+            "gpt-5.6-sol",
+            "403 access_not_yet_enabled",
+        ),
+        Case(
+            "403 access_suspended: workspace grant wins",
+            "acme-prod",
+            "/v1",
+            "gpt-5.6-sol",
+            "403 access_suspended",
+        ),
+    ]
+    return keys, cases
+
+
+def _curl(port: int, case: Case, key: str) -> str:
+    body = json.dumps({"model": case.model, "messages": [{"role": "user", "content": "hello"}]})
+    return (
+        f"curl -s http://127.0.0.1:{port}{case.path}/chat/completions "
+        f"-H 'authorization: Bearer {key}' -H 'content-type: application/json' -d '{body}'"
+    )
+
+
+async def check_cases(
+    session: aiohttp.ClientSession, port: int, keys: dict[str, str], cases: list[Case]
+) -> list[str]:
+    lines = []
+    for case in cases:
+        async with session.post(
+            f"http://127.0.0.1:{port}{case.path}/chat/completions",
+            json={"model": case.model, "messages": [{"role": "user", "content": "hello"}]},
+            headers={"authorization": f"Bearer {keys[case.key_name]}"},
+        ) as resp:
+            doc = await resp.json()
+            got = str(resp.status)
+            if resp.status >= 400:
+                got += " " + doc["error"]["code"]
+        mark = "ok " if got.startswith(case.expect) else "?? "
+        lines.append(f"  {mark}{case.title:<52} -> {got}")
+    return lines
+
+
+async def demo(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir)
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    text, tokens = demo_config(
+        Path("config/proxy.yaml"), args.port, args.admin_port, args.upstream_port
+    )
+    cfg_path = state / "proxy.yaml"
+    cfg_path.write_text(text)
+    os.environ.setdefault("UPSTREAM_API_KEY", "demo-upstream-key")
+    cfg = config_mod.load(str(cfg_path))
+
+    redis = RedisServer(state / "redis", persistent=False)
+    await redis.start()
+    upstream = MockUpstream()
+    await upstream.start("127.0.0.1", args.upstream_port)
+    os.environ.setdefault("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
+    proxy = await build_proxy(cfg, redis_url=redis.url, config_path=str(cfg_path))
+    await proxy.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with aiohttp.ClientSession() as session:
+            admin = AdminCalls(session, f"http://127.0.0.1:{args.admin_port}", tokens)
+            keys, cases = await seed(admin)
+            results = await check_cases(session, args.port, keys, cases)
+        print(report(args, tokens, keys, cases, admin.commands, results), flush=True)
+        await stop.wait()
+    finally:
+        await proxy.stop()
+        await upstream.stop()
+        await redis.stop()
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    tokens: dict[str, str],
+    keys: dict[str, str],
+    cases: list[Case],
+    commands: list[str],
+    results: list[str],
+) -> str:
+    port, admin_port = args.port, args.admin_port
+    out = [
+        "",
+        "access-proxy demo is running",
+        f"  data plane   http://127.0.0.1:{port}   (routes /v1, /codex/v1, /chatgpt/v1)",
+        f"  admin API    http://127.0.0.1:{admin_port}   (/healthz /readyz /metrics /admin/v1/...)",
+        f"  mock model   http://127.0.0.1:{args.upstream_port}",
+        "",
+        "Admin tokens (roles):",
+        *(f"  {n:<16} {t}   {', '.join(ROLES[n])}" for n, t in tokens.items()),
+        "",
+        "API keys:",
+        *(f"  {ws:<17} {k}" for ws, k in keys.items()),
+        "",
+        "Seeded through the admin API, as these operator commands:",
+        f"  export ACCESS_PROXY_ADMIN_URL=http://127.0.0.1:{admin_port}",
+        f"  export ACCESS_PROXY_ADMIN_TOKEN={tokens['ops']}",
+        *(f"  {c}" for c in commands),
+        "",
+        "Every case, checked just now:",
+        *results,
+        "",
+        "Try them:",
+    ]
+    for case in cases:
+        out += [f"  # {case.title}", "  " + _curl(port, case, keys[case.key_name])]
+    out += [
+        "  # streaming",
+        f"  curl -sN http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer "
+        f"{keys['acme-research']}' -H 'content-type: application/json' -d '{{\"model\": "
+        '"gpt-5.6-sol", "stream": true, "messages": [{"role": "user", "content": "hi"}]}\'',
+        "  # what this key may use",
+        f"  curl -s http://127.0.0.1:{port}/v1/models -H 'authorization: Bearer "
+        f"{keys['acme-research']}'",
+        "  # why a request is refused",
+        f"  curl -s 'http://127.0.0.1:{admin_port}/admin/v1/explain?workspace=globex-main"
+        f"&product=api&model=gpt-5.6-sol' -H 'authorization: Bearer {tokens['dashboards']}'",
+        "",
+        "With the openai SDK:",
+        "  python - <<'EOF'",
+        "  from openai import OpenAI",
+        f"  client = OpenAI(base_url='http://127.0.0.1:{port}/v1', "
+        f"api_key='{keys['acme-research']}')",
+        "  r = client.chat.completions.create(model='gpt-5.6-sol', "
+        "messages=[{'role': 'user', 'content': 'hello'}])",
+        "  print(r.choices[0].message.content, r.usage)",
+        "  for chunk in client.chat.completions.create(model='gpt-5.6-sol', stream=True, "
+        "messages=[{'role': 'user', 'content': 'hello'}]):",
+        "      print(chunk.choices[0].delta.content if chunk.choices else '', end='')",
+        "  EOF",
+        "",
+        f"Metrics: curl -s http://127.0.0.1:{admin_port}/metrics"
+        " | grep access_proxy_requests_total",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(out)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    configure_logging()
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(demo(args))
+    return 0
