@@ -1,0 +1,251 @@
+"""Sending an allowed request upstream and streaming the answer back (SPEC §3.5).
+
+One shared :class:`aiohttp.ClientSession` serves every upstream. Bytes are relayed as they
+arrive, never decoded or buffered: no decompression, no cookie jar, no headers added by the
+client library, no redirects followed.
+
+Timeouts, each independent of the others:
+
+- connect (``connect_s``): name resolution and TCP/TLS connect. Expiry → 504 ``upstream_timeout``;
+  a refused or unreachable connect → 502 ``upstream_unavailable``.
+- time to first byte (``first_byte_s``): from the request being written until the upstream's
+  first byte. It is aiohttp's ``sock_read`` while the response head is awaited. Expiry → 504.
+- idle between chunks (``idle_s``): once the response head has arrived, ``sock_read`` on the
+  connection is switched to ``idle_s``, so it measures silence from the upstream and nothing else
+  (aiohttp stops it while this side is not reading). Expiry after the client response has started
+  closes the client connection without the end of the body, so the client sees a truncated
+  response rather than a clean end.
+
+Before the client response starts every failure raises :class:`UpstreamError`, and the caller
+writes the error body. After it starts, failures end in a :class:`ForwardResult` with
+``completed=False``; the client connection has then been closed, and aiohttp will cancel the
+handler task at its next await when it runs with ``handler_cancellation=True``.
+
+A client that goes away cancels the upstream request at once: with ``handler_cancellation=True``
+aiohttp cancels the handler (the upstream connection is closed, never pooled, and the
+``CancelledError`` propagates); without it, the first failed write to the client does the same
+and ``forward`` returns ``completed=False``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.config import Timeouts, Upstream
+from proxy.dataplane.headers import copy_response_headers
+
+SSE_CAPTURE_BYTES = 64 * 1024
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+
+# Headers the client library would otherwise invent; the client's own pass through unchanged.
+_SKIP_AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer in time, before any response byte."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class ForwardResult:
+    response: web.StreamResponse
+    status: int
+    content_type: str
+    is_stream: bool
+    captured: bytes
+    bytes_sent: int
+    ttfb_seconds: float
+    completed: bool
+
+
+def make_session(*, limit: int = 0, keepalive_timeout: float = 30.0) -> aiohttp.ClientSession:
+    """The one client session for every upstream; ``limit=0`` puts no cap on connections."""
+    connector = aiohttp.TCPConnector(
+        limit=limit,
+        limit_per_host=0,
+        keepalive_timeout=keepalive_timeout,
+        ttl_dns_cache=10,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(total=None),
+        trust_env=False,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    # sock_read bounds the wait for the response head; the body gets idle_s (see module doc).
+    return aiohttp.ClientTimeout(
+        total=None,
+        connect=timeouts.connect_s,
+        sock_connect=timeouts.connect_s,
+        sock_read=timeouts.first_byte_s,
+    )
+
+
+def _after_first_event(buf: bytearray) -> int:
+    ends = [i + len(sep) for sep in _EVENT_ENDS if (i := buf.find(sep)) >= 0]
+    return min(ends) if ends else len(buf)
+
+
+def _after_last_event(buf: bytearray) -> int:
+    ends = [i + len(sep) for sep in _EVENT_ENDS if (i := buf.rfind(sep)) >= 0]
+    return max(ends) if ends else 0
+
+
+def _sse_tail(tail: bytearray, trimmed: bool) -> bytes:
+    """The complete events at the end of an SSE capture, at most ``SSE_CAPTURE_BYTES``."""
+    if len(tail) > SSE_CAPTURE_BYTES:
+        del tail[: len(tail) - SSE_CAPTURE_BYTES]
+        trimmed = True
+    if trimmed:
+        # The front was cut, maybe inside an event: start at the next event.
+        del tail[: _after_first_event(tail)]
+    del tail[_after_last_event(tail) :]
+    return bytes(tail)
+
+
+def _abort_client(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+async def forward(
+    request: web.BaseRequest,
+    *,
+    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    url_path: str,
+    body: bytes,
+    headers: CIMultiDict[str],
+    extra_response_headers: Mapping[str, str] | None,
+    strip_response_headers: frozenset[str],
+    on_upstream_headers: Callable[[CIMultiDictProxy[str]], None] | None,
+    capture_limit: int = 1 << 20,
+) -> ForwardResult:
+    """Send the request to ``upstream`` and stream its answer to the client.
+
+    ``url_path`` is the already rewritten, still percent-encoded path with its query string.
+    Returns a prepared response the handler must return. Raises :class:`UpstreamError` when
+    nothing has been sent to the client yet.
+    """
+    timeouts = upstream.timeouts
+    started = time.monotonic()
+    try:
+        upstream_resp = await session.request(
+            request.method,
+            URL(upstream.url + url_path, encoded=True),
+            data=body or None,
+            headers=headers,
+            allow_redirects=False,
+            timeout=client_timeout(timeouts),
+        )
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "first byte"
+        raise UpstreamError("upstream_timeout", f"upstream {phase} timed out") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError("upstream_unavailable", "upstream unreachable") from exc
+    ttfb = time.monotonic() - started
+
+    completed = False
+    try:
+        content = upstream_resp.content
+        connection = upstream_resp.connection
+        if connection is not None and not content.is_eof():
+            protocol = connection.protocol
+            if protocol is not None:
+                protocol.read_timeout = timeouts.idle_s
+                protocol.start_timeout()
+
+        upstream_headers = upstream_resp.headers
+        if on_upstream_headers is not None:
+            on_upstream_headers(upstream_headers)
+
+        status = upstream_resp.status
+        response = web.StreamResponse(status=status, reason=upstream_resp.reason)
+        copy_response_headers(upstream_headers, response.headers, strip=strip_response_headers)
+        if extra_response_headers:
+            response.headers.update(extra_response_headers)
+
+        content_type = upstream_headers.get(hdrs.CONTENT_TYPE, "")
+        is_stream = content_type.lower().startswith("text/event-stream")
+        # Capture a JSON body only if it fits; for SSE keep a bounded tail.
+        capturing = True
+        declared = upstream_resp.content_length
+        if not is_stream and declared is not None and declared > capture_limit:
+            capturing = False
+        parts: list[bytes] = []
+        tail = bytearray()
+        trimmed = False
+        captured_len = 0
+        bytes_sent = 0
+
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            return ForwardResult(
+                response, status, content_type, is_stream, b"", 0, ttfb, completed=False
+            )
+
+        while True:
+            try:
+                chunk = await content.readany()
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                # Upstream went silent past idle_s or broke off mid-body.
+                _abort_client(request)
+                break
+            if not chunk:
+                try:
+                    await response.write_eof()
+                except ConnectionError:
+                    break
+                completed = True
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                break
+            bytes_sent += len(chunk)
+            if is_stream:
+                tail += chunk
+                if len(tail) > 2 * SSE_CAPTURE_BYTES:
+                    del tail[: len(tail) - SSE_CAPTURE_BYTES]
+                    trimmed = True
+            elif capturing:
+                captured_len += len(chunk)
+                if captured_len > capture_limit:
+                    capturing = False
+                    parts.clear()
+                else:
+                    parts.append(chunk)
+
+        if is_stream:
+            captured = _sse_tail(tail, trimmed)
+        elif capturing and completed:
+            captured = b"".join(parts)
+        else:
+            captured = b""
+        return ForwardResult(
+            response, status, content_type, is_stream, captured, bytes_sent, ttfb, completed
+        )
+    finally:
+        if completed:
+            upstream_resp.release()
+        else:
+            upstream_resp.close()
