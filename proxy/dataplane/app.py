@@ -22,7 +22,7 @@ from multidict import CIMultiDictProxy
 
 from proxy import identity, metrics
 from proxy.dataplane import headers as hdrs
-from proxy.dataplane.forward import UpstreamError, forward
+from proxy.dataplane.forward import UpstreamError, client_timeout, forward
 from proxy.errors import CODES, DEFAULT_BODIES, error_json
 from proxy.policy import Decision, RequestInfo, decide
 from proxy.policy.facts import Facts
@@ -346,12 +346,11 @@ class DataPlane:
         """GET /v1/models: the upstream's list filtered to what the caller may use now."""
         cfg = snap.config
         upstream = cfg.upstreams[upstream_name]
-        timeout = aiohttp.ClientTimeout(
-            total=upstream.timeouts.first_byte_s, sock_connect=upstream.timeouts.connect_s
-        )
         try:
             async with self.session.get(
-                upstream.url + url_path, headers=out_headers, timeout=timeout
+                upstream.url + url_path,
+                headers=out_headers,
+                timeout=client_timeout(upstream.timeouts),
             ) as resp:
                 raw = await resp.read()
                 status = resp.status

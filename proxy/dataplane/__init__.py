@@ -1,0 +1,1 @@
+"""The data plane: the request handler, forwarding, admission checks and safety flags."""
