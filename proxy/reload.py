@@ -1,0 +1,334 @@
+"""Hot config reload (SPEC §8): one path for every trigger — ``SIGHUP``, the admin call, a change
+of the file on disk, and a reload announced by another worker over Redis.
+
+A reload reads the file, validates all of it, keeps the settings that need a restart (listen
+addresses, Redis URL, state directory) from the running config, and swaps the new snapshot in with
+one assignment; requests in flight keep the snapshot they started with. An invalid file changes
+nothing: every error is logged with its location and counted, and the old snapshot keeps serving.
+
+With several worker processes every worker reloads: the supervisor forwards ``SIGHUP`` to all of
+them, each watches the file, and an admin call (which reaches one worker) is published on the
+Redis channel ``ap:reload`` so every other worker and replica sharing that Redis reloads too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from proxy import config, configdiff, metrics
+from proxy.config import Config, ConfigError, ConfigIssue
+from proxy.snapshot import Holder
+
+log = logging.getLogger(__name__)
+
+RELOAD_CHANNEL = "ap:reload"
+# A file changed this recently may be written again within the same timestamp tick without its
+# size changing, so its content is compared as well (git's "racily clean" rule).
+_RACY_S = 2.0
+
+FileSignature = tuple[str, int, int, int, int]
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    result: str  # "ok" | "unchanged" | "error"
+    version: str  # the active version after the attempt
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    restart_required: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of the admin answer: 422 when the file was rejected."""
+        return 422 if self.result == "error" else 200
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "result": self.result,
+            "version": self.version,
+            "errors": list(self.errors),
+            "changes": list(self.changes),
+            "restart_required": list(self.restart_required),
+        }
+
+
+def keep_restart_only(running: Config, new: Config) -> Config:
+    """``new`` with the settings that cannot change without a restart taken from ``running``."""
+    return dataclasses.replace(
+        new,
+        listen=running.listen,
+        admin=dataclasses.replace(new.admin, listen=running.admin.listen),
+        redis=dataclasses.replace(new.redis, url=running.redis.url),
+        state_dir=running.state_dir,
+    )
+
+
+def show_version(old: str | None, new: str) -> None:
+    """Make ``access_proxy_config_info`` name ``new`` alone."""
+    metrics.CONFIG_INFO.labels(new).set(1)
+    if old is None or old == new:
+        return
+    # In multiprocess mode a label cannot be removed from the shared file, so zero it first.
+    metrics.CONFIG_INFO.labels(old).set(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        metrics.CONFIG_INFO.remove(old)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        issue = ConfigIssue("", f"cannot read file: {exc.strerror}")
+        raise ConfigError(path, [issue]) from None
+
+
+def _signature(path: str) -> FileSignature | None:
+    """What identifies the file's current content cheaply; follows symlinks (ConfigMap swaps)."""
+    try:
+        st = os.stat(path)
+        real = os.path.realpath(path)
+    except OSError:
+        return None
+    return (real, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Reloader:
+    """Reloads the config at ``path`` into ``holder`` on every trigger."""
+
+    def __init__(
+        self,
+        holder: Holder,
+        path: str,
+        *,
+        redis: aioredis.Redis | None = None,
+        on_swap: Callable[[Config, Config], None] | None = None,
+        poll_interval: float = 0.25,
+    ) -> None:
+        self.holder = holder
+        self.path = path
+        self.redis = redis
+        self.on_swap = on_swap
+        self.poll_interval = poll_interval
+        self.origin = uuid.uuid4().hex
+        self.subscribed = asyncio.Event()
+        self.last_result: ReloadResult | None = None
+        self._lock = threading.Lock()
+        self._seen_digest: str | None = None  # the content last tried, valid or not
+        self._seen_signature: FileSignature | None = None
+        self._missing_logged = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sighup_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def version(self) -> str:
+        return self.holder.current.config.version
+
+    # ------------------------------------------------------------------ the one reload path
+
+    def reload(self, trigger: str) -> ReloadResult:
+        """Read, validate and swap in the file now; an invalid file changes nothing."""
+        try:
+            text = _read(self.path)
+        except ConfigError as exc:
+            with self._lock:
+                return self._reject(trigger, exc)
+        return self._apply(trigger, text, quiet_if_unchanged=False)
+
+    def _apply(self, trigger: str, text: str, *, quiet_if_unchanged: bool) -> ReloadResult:
+        with self._lock:
+            self._seen_digest = _digest(text)
+            try:
+                new = config.parse(text, self.path)
+            except ConfigError as exc:
+                return self._reject(trigger, exc)
+            running = self.holder.current.config
+            changes = configdiff.diff(running, new)
+            applied = [configdiff.format_changes([c]) for c in changes if not c.restart_required]
+            held = [configdiff.format_changes([c]) for c in changes if c.restart_required]
+            if new.version == running.version:
+                result = ReloadResult("unchanged", running.version, [], [], held)
+                # An asked-for reload that finds nothing new still succeeded; the watcher's
+                # look at a file whose content is already active is not a reload at all.
+                if not quiet_if_unchanged:
+                    metrics.CONFIG_RELOADS.labels("ok").inc()
+                    log.info("config reload (%s): unchanged, version %s", trigger, new.version)
+                self.last_result = result
+                return result
+            active = keep_restart_only(running, new)
+            try:
+                self.holder.swap(active)
+            except Exception as exc:  # a snapshot that cannot be built is a rejected file
+                issue = ConfigIssue("", f"cannot build the snapshot: {exc}")
+                return self._reject(trigger, ConfigError(self.path, [issue]))
+            show_version(running.version, active.version)
+            metrics.CONFIG_RELOADS.labels("ok").inc()
+            log.info(
+                "config reload (%s): version %s -> %s, %d changes",
+                trigger,
+                running.version,
+                active.version,
+                len(applied),
+            )
+            for line in applied:
+                log.info("config change: %s", line)
+            for line in held:
+                log.warning("config change not applied: %s", line)
+            result = ReloadResult("ok", active.version, [], applied, held)
+            self.last_result = result
+        if self.on_swap is not None:
+            try:
+                self.on_swap(running, active)
+            except Exception:
+                log.exception("config reload (%s): on_swap failed", trigger)
+        return result
+
+    def _reject(self, trigger: str, exc: ConfigError) -> ReloadResult:
+        metrics.CONFIG_RELOADS.labels("error").inc()
+        log.error(
+            "config reload (%s) rejected, keeping version %s: %d errors",
+            trigger,
+            self.version,
+            len(exc.issues),
+        )
+        for issue in exc.issues:
+            log.error("config error: %s", issue.format(exc.source))
+        result = ReloadResult("error", self.version, exc.as_list(), [], [])
+        self.last_result = result
+        return result
+
+    # ------------------------------------------------------------------ every worker
+
+    async def reload_everywhere(self, trigger: str) -> ReloadResult:
+        """Reload here, then ask every other worker and replica on this Redis to do the same."""
+        result = self.reload(trigger)
+        if self.redis is not None and result.result != "error":
+            message = json.dumps(
+                {"origin": self.origin, "trigger": trigger, "version": result.version}
+            )
+            try:
+                await self.redis.publish(RELOAD_CHANNEL, message)
+            except Exception as exc:  # the others still see the file change by watching it
+                log.warning("could not announce the reload on %s: %s", RELOAD_CHANNEL, exc)
+        return result
+
+    async def admin_reload(self) -> dict[str, Any]:
+        """The admin call's reload: everywhere, answered as JSON (``result`` "error" → 422)."""
+        return (await self.reload_everywhere("admin")).as_json()
+
+    def _on_message(self, data: bytes | str) -> None:
+        try:
+            message = json.loads(data)
+            origin = message["origin"]
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignoring a malformed message on %s", RELOAD_CHANNEL)
+            return
+        if origin != self.origin:
+            self.reload("peer")
+
+    # ------------------------------------------------------------------ background triggers
+
+    async def start(self) -> None:
+        """Watch the file, and listen for reloads announced on Redis when a client was given."""
+        self.check_file("start")  # the file may have changed since the running config was read
+        self._tasks.append(asyncio.create_task(self._watch(), name="config-watch"))
+        if self.redis is not None:
+            self._tasks.append(asyncio.create_task(self._subscribe(), name="config-reload-sub"))
+
+    async def stop(self) -> None:
+        if self._sighup_loop is not None:
+            with contextlib.suppress(Exception):
+                self._sighup_loop.remove_signal_handler(signal.SIGHUP)
+            self._sighup_loop = None
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.subscribed.clear()
+
+    def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reload this process on SIGHUP (a supervisor forwards the signal to every worker)."""
+        loop.add_signal_handler(signal.SIGHUP, self.reload, "sighup")
+        self._sighup_loop = loop
+
+    def check_file(self, trigger: str = "file") -> ReloadResult | None:
+        """Reload if the file's content changed since it was last tried; None when it did not."""
+        signature = _signature(self.path)
+        if signature is None:
+            if not self._missing_logged:
+                log.warning(
+                    "config file %s is missing; keeping version %s", self.path, self.version
+                )
+                self._missing_logged = True
+            self._seen_signature = None
+            return None
+        self._missing_logged = False
+        racy = time.time() - signature[3] / 1e9 < _RACY_S
+        if signature == self._seen_signature and not racy:
+            return None
+        self._seen_signature = signature
+        try:
+            text = _read(self.path)
+        except ConfigError:
+            return None  # gone again between stat and read; the next poll sees it
+        if _digest(text) == self._seen_digest:
+            return None
+        return self._apply(trigger, text, quiet_if_unchanged=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                self.check_file()
+            except Exception:
+                log.exception("config file watch failed")
+
+    async def _subscribe(self) -> None:
+        assert self.redis is not None
+        backoff = 0.05
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(RELOAD_CHANNEL)
+                # Announcements made while unsubscribed are lost: look at the file instead.
+                self.check_file("resubscribe")
+                self.subscribed.set()
+                backoff = 0.05
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        self._on_message(msg["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any Redis/socket failure: resubscribe
+                if self.subscribed.is_set():
+                    log.warning("reload subscription lost: %s", exc)
+                self.subscribed.clear()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
