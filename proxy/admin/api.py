@@ -1,0 +1,464 @@
+"""The admin HTTP API (SPEC §7): orgs, workspaces, keys, grants, explain and the audit log.
+
+Every request presents ``Authorization: Bearer <admin token>``; the token's SHA-256 names it in
+the live config, with its roles: ``operator`` changes things, ``approver:<role>`` approves grants
+for that role only, and every token may read (``viewer`` can do nothing else). The config
+snapshot is read once per request. Bodies are validated strictly (unknown fields, wrong types,
+unknown programs or products, malformed times → 422 naming the field) before anything is written;
+every change goes through ``Writes``, which appends the audit entry in the same transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from proxy.admin.explain import explain, grant_view
+from proxy.config import AdminToken, Config
+from proxy.errors import CODES, error_payload
+from proxy.identity import Peppers
+from proxy.snapshot import Holder
+from proxy.store.audit import read_entries
+from proxy.store.schema import AUDIT_HEAD
+from proxy.store.writes import (
+    Actor,
+    Conflict,
+    Invalid,
+    NotFound,
+    StoreError,
+    Writes,
+    org_dict,
+    workspace_dict,
+)
+
+PREFIX = "/admin/v1"
+MAX_AUDIT_PAGE = 1000
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_SUBJECT = re.compile(r"(org|workspace):(.+)")
+
+CONFIG = web.RequestKey("admin_config", Config)
+TOKEN = web.RequestKey("admin_token", AdminToken)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class AdminContext:
+    holder: Holder  # live config snapshot
+    writes: Writes  # on a Redis client with normal (seconds) timeouts
+    peppers: Peppers
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+def _error(
+    code: str, message: str | None = None, param: str | None = None, **extra: Any
+) -> web.Response:
+    body = error_payload(code, message, param)
+    body.update(extra)
+    return web.json_response(body, status=CODES[code].status)
+
+
+# --------------------------------------------------------------------------- body validation
+
+
+def parse_time(value: Any, param: str) -> float:
+    """An RFC 3339 date-time (with offset) as epoch seconds, or 422 naming ``param``."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ApiError(
+            "invalid_body", f"{param} must be an RFC 3339 time, e.g. 2025-06-01T12:00:00Z", param
+        )
+    text = value.upper().replace("Z", "+00:00")
+    if "." in text:  # fromisoformat takes at most 6 fractional digits
+        head, _, rest = text.partition(".")
+        digits = re.match(r"\d+", rest)
+        assert digits is not None
+        text = f"{head}.{digits.group()[:6].ljust(6, '0')}{rest[digits.end() :]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ApiError("invalid_body", f"{param} is not a valid time: {value!r}", param) from None
+
+
+def _check_id(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ApiError(
+            "invalid_body",
+            f"{param} must be 1-128 characters of letters, digits, '.', '_' or '-'",
+            param,
+        )
+    return value
+
+
+def _check_text(value: Any, param: str, max_len: int = 1000) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > max_len:
+        raise ApiError("invalid_body", f"{param} must be a non-empty string", param)
+    return value
+
+
+def _check_name(value: Any, param: str) -> str:
+    if not isinstance(value, str) or len(value) > 200:
+        raise ApiError("invalid_body", f"{param} must be a string", param)
+    return value
+
+
+async def _body(
+    request: web.Request, required: tuple[str, ...], optional: tuple[str, ...]
+) -> dict[str, Any]:
+    """The JSON object body; 422 for bad JSON, unknown fields and missing required fields."""
+    raw = await request.read()
+    if not raw.strip():
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("invalid_body", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError("invalid_body", "the body must be a JSON object")
+    for name in data:
+        if name not in required and name not in optional:
+            allowed = ", ".join((*required, *optional)) or "none"
+            raise ApiError("invalid_body", f"unknown field {name!r} (allowed: {allowed})", name)
+    for name in required:
+        if data.get(name) is None:
+            raise ApiError("invalid_body", f"{name} is required", name)
+    return data
+
+
+def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name not in allowed:
+            raise ApiError(
+                "invalid_body", f"unknown parameter {name!r} (allowed: {', '.join(allowed)})", name
+            )
+        if name in out:
+            raise ApiError("invalid_body", f"parameter {name!r} given twice", name)
+        out[name] = value
+    return out
+
+
+def _int_param(q: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    if name not in q:
+        return default
+    try:
+        value = int(q[name])
+    except ValueError:
+        raise ApiError("invalid_body", f"{name} must be an integer", name) from None
+    if not low <= value <= high:
+        raise ApiError("invalid_body", f"{name} must be between {low} and {high}", name)
+    return value
+
+
+def _subject(value: Any) -> str:
+    match = _SUBJECT.fullmatch(value) if isinstance(value, str) else None
+    if match is None or not _ID.fullmatch(match.group(2)):
+        raise ApiError("invalid_body", "subject must be org:<id> or workspace:<id>", "subject")
+    return str(value)
+
+
+# --------------------------------------------------------------------------- the API
+
+
+class AdminAPI:
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+        self.writes = ctx.writes
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self.writes.redis
+
+    # auth -------------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/admin/"):
+            return await handler(request)  # health and metrics routes added beside the API
+        cfg = self.ctx.holder.current.config
+        token = self._token(request, cfg)
+        if token is None:
+            return _error("unauthorized")
+        request[CONFIG] = cfg
+        request[TOKEN] = token
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error(exc.code, exc.message, exc.param)
+        except StoreError as exc:
+            return _error(exc.code, exc.message, exc.param)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+            return _error("not_found", f"no admin endpoint {request.method} {request.path}")
+        except web.HTTPRequestEntityTooLarge:
+            return _error("invalid_body", "the body is too large")
+        except (aioredis.RedisError, OSError) as exc:
+            return _error("internal_error", f"the store is unavailable: {type(exc).__name__}")
+
+    @staticmethod
+    def _token(request: web.Request, cfg: Config) -> AdminToken | None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value:
+            return None
+        return cfg.admin.tokens_by_hash.get(hashlib.sha256(value.encode()).hexdigest())
+
+    @staticmethod
+    def _need(request: web.Request, role: str) -> tuple[Config, Actor]:
+        """The config and actor of this request, or 403 when the token lacks ``role``.
+
+        ``read`` is granted to every token; ``approver`` to any ``approver:<role>`` token.
+        """
+        token = request[TOKEN]
+        cfg = request[CONFIG]
+        if role == "approver":
+            ok = any(r.startswith("approver:") for r in token.roles)
+        else:
+            ok = role == "read" or role in token.roles
+        if not ok:
+            raise ApiError(
+                "forbidden", f"token {token.name!r} lacks the {role} role for this action"
+            )
+        return cfg, Actor(token.name, cfg.version)
+
+    # orgs and workspaces -----------------------------------------------------
+
+    async def create_org(self, request: web.Request) -> web.Response:
+        _, actor = self._need(request, "operator")
+        body = await _body(request, ("id",), ("name",))
+        org_id = _check_id(body["id"], "id")
+        name = _check_name(body.get("name", ""), "name")
+        org = await self.writes.create_org(actor, org_id, name)
+        return web.json_response(org_dict(org), status=201)
+
+    async def org_suspension(self, request: web.Request) -> web.Response:
+        _, actor = self._need(request, "operator")
+        body = await _body(request, ("reason",), ())
+        reason = _check_text(body["reason"], "reason")
+        suspend = request.match_info["action"] == "suspend"
+        org = await self.writes.set_org_suspended(actor, request.match_info["org"], suspend, reason)
+        return web.json_response(org_dict(org))
+
+    async def create_workspace(self, request: web.Request) -> web.Response:
+        _, actor = self._need(request, "operator")
+        body = await _body(request, ("id", "org_id"), ("name",))
+        ws_id = _check_id(body["id"], "id")
+        org_id = _check_id(body["org_id"], "org_id")
+        name = _check_name(body.get("name", ""), "name")
+        ws = await self.writes.create_workspace(actor, ws_id, org_id, name)
+        return web.json_response(workspace_dict(ws), status=201)
+
+    async def workspace_suspension(self, request: web.Request) -> web.Response:
+        _, actor = self._need(request, "operator")
+        body = await _body(request, ("reason",), ())
+        reason = _check_text(body["reason"], "reason")
+        suspend = request.match_info["action"] == "suspend"
+        ws = await self.writes.set_workspace_suspended(
+            actor, request.match_info["ws"], suspend, reason
+        )
+        return web.json_response(workspace_dict(ws))
+
+    # keys ---------------------------------------------------------------------
+
+    async def issue_key(self, request: web.Request) -> web.Response:
+        _, actor = self._need(request, "operator")
+        body = await _body(request, (), ("name",))
+        name = _check_name(body.get("name", ""), "name")
+        ws_id = request.match_info["ws"]
+        key_id, key = await self.writes.issue_key(actor, ws_id, name, self.ctx.peppers)
+        return web.json_response(
+            {"key_id": key_id, "key": key, "workspace_id": ws_id, "name": name}, status=201
+        )
+
+    async def revoke_key(self, request: web.Request) -> web.Response:
+        _, actor = self._need(request, "operator")
+        await _body(request, (), ())
+        await self.writes.revoke_key(actor, request.match_info["key_id"])
+        return web.Response(status=204)
+
+    # grants -------------------------------------------------------------------
+
+    async def create_grant(self, request: web.Request) -> web.Response:
+        cfg, actor = self._need(request, "operator")
+        body = await _body(request, ("program", "product", "subject"), ("models", "expires_at"))
+        program = body["program"]
+        if not isinstance(program, str) or program not in cfg.programs:
+            raise ApiError(
+                "invalid_body",
+                f"unknown program {program!r} (known: {', '.join(cfg.programs)})",
+                "program",
+            )
+        product = body["product"]
+        if not isinstance(product, str) or product not in cfg.products:
+            raise ApiError(
+                "invalid_body",
+                f"unknown product {product!r} (known: {', '.join(cfg.products)})",
+                "product",
+            )
+        subject = _subject(body["subject"])
+        models: tuple[str, ...] | None = None
+        if body.get("models") is not None:
+            raw = body["models"]
+            if not isinstance(raw, list) or not raw or not all(isinstance(m, str) for m in raw):
+                raise ApiError(
+                    "invalid_body", "models must be a non-empty list of strings", "models"
+                )
+            outside = [m for m in raw if m not in cfg.programs[program].models]
+            if outside:
+                raise ApiError(
+                    "invalid_body", f"models not in {program}: {', '.join(outside)}", "models"
+                )
+            models = tuple(dict.fromkeys(raw))
+        expires_at = None
+        if body.get("expires_at") is not None:
+            expires_at = parse_time(body["expires_at"], "expires_at")
+        try:
+            grant = await self.writes.create_grant(
+                actor, program, product, subject, models, expires_at
+            )
+        except Conflict as exc:
+            return _error("conflict", exc.message, None, grant_id=exc.existing_id)
+        return web.json_response(grant_view(grant, cfg, time.time()), status=201)
+
+    async def get_grant(self, request: web.Request) -> web.Response:
+        cfg, _ = self._need(request, "read")
+        grant_id = request.match_info["grant_id"]
+        grant = await self.writes.grant(grant_id)
+        if grant is None:
+            raise NotFound(f"grant {grant_id} not found")
+        return web.json_response(grant_view(grant, cfg, time.time()))
+
+    async def list_grants(self, request: web.Request) -> web.Response:
+        cfg, _ = self._need(request, "read")
+        q = _query(request, ("subject", "program", "product"))
+        subject = _subject(q["subject"]) if "subject" in q else None
+        grants = await self.writes.grants(subject, q.get("program"), q.get("product"))
+        now = time.time()
+        return web.json_response({"grants": [grant_view(g, cfg, now) for g in grants]})
+
+    async def approve_grant(self, request: web.Request) -> web.Response:
+        cfg, actor = self._need(request, "approver")
+        body = await _body(request, ("role", "reviewer"), ())
+        role = _check_text(body["role"], "role", 100)
+        reviewer = _check_text(body["reviewer"], "reviewer", 200)
+        token = request[TOKEN]
+        if f"approver:{role}" not in token.roles:
+            mine = ", ".join(r.split(":", 1)[1] for r in token.roles if r.startswith("approver:"))
+            raise ApiError(
+                "forbidden", f"token {token.name!r} may approve as {mine} only, not as {role}"
+            )
+        grant_id = request.match_info["grant_id"]
+        grant = await self.writes.grant(grant_id)
+        if grant is None:
+            raise NotFound(f"grant {grant_id} not found")
+        program = cfg.programs.get(grant.program)
+        required = program.required_approvals if program is not None else ()
+        if role not in required:
+            raise Invalid(
+                f"{grant.program} does not require a {role} approval "
+                f"(required: {', '.join(required) or 'none'})",
+                "role",
+            )
+        grant = await self.writes.approve_grant(actor, grant_id, role, reviewer)
+        return web.json_response(grant_view(grant, cfg, time.time()))
+
+    async def enable_grant(self, request: web.Request) -> web.Response:
+        cfg, actor = self._need(request, "operator")
+        body = await _body(request, (), ("at",))
+        now = time.time()
+        at = parse_time(body["at"], "at") if body.get("at") is not None else now
+        grant = await self.writes.enable_grant(actor, request.match_info["grant_id"], at)
+        return web.json_response(grant_view(grant, cfg, time.time()))
+
+    async def grant_lifecycle(self, request: web.Request) -> web.Response:
+        cfg, actor = self._need(request, "operator")
+        body = await _body(request, ("reason",), ())
+        reason = _check_text(body["reason"], "reason")
+        grant = await self.writes.set_grant_flag(
+            actor, request.match_info["grant_id"], request.match_info["action"], reason
+        )
+        return web.json_response(grant_view(grant, cfg, time.time()))
+
+    # explain and audit ----------------------------------------------------------
+
+    async def explain(self, request: web.Request) -> web.Response:
+        cfg, _ = self._need(request, "read")
+        q = _query(request, ("key_id", "workspace", "product", "model"))
+        if ("key_id" in q) == ("workspace" in q):
+            raise ApiError("invalid_body", "give exactly one of key_id and workspace", "key_id")
+        product = q.get("product")
+        if product is None or product not in cfg.products:
+            raise ApiError(
+                "invalid_body",
+                f"product must be one of {', '.join(cfg.products)}",
+                "product",
+            )
+        answer = await explain(
+            self.redis,
+            cfg,
+            product=product,
+            model=q.get("model") or None,
+            now=time.time(),
+            key_id=q.get("key_id"),
+            workspace=q.get("workspace"),
+        )
+        return web.json_response(answer)
+
+    async def audit(self, request: web.Request) -> web.Response:
+        self._need(request, "read")
+        q = _query(request, ("after", "limit"))
+        after = _int_param(q, "after", 0, 0, 2**62)
+        limit = _int_param(q, "limit", 100, 1, MAX_AUDIT_PAGE)
+        head_raw: dict[Any, Any] = await self.redis.hgetall(AUDIT_HEAD)
+        entries = await read_entries(self.redis, after, limit)
+        head = {
+            "seq": int(head_raw.get(b"seq", b"0")),
+            "hash": head_raw[b"hash"].decode() if b"hash" in head_raw else None,
+        }
+        return web.json_response({"entries": entries, "head": head})
+
+
+def admin_app(ctx: AdminContext) -> web.Application:
+    """Every /admin/v1/* route behind the token middleware.
+
+    Routes are absolute, so this is the admin listener's root app: routes added beside it
+    (``/healthz``, ``/readyz``, ``/metrics``) are not guarded by the admin tokens.
+    """
+    api = AdminAPI(ctx)
+    app = web.Application(middlewares=[api.middleware], client_max_size=1024 * 1024)
+    p = PREFIX
+    app.router.add_post(f"{p}/orgs", api.create_org)
+    app.router.add_post(f"{p}/orgs/{{org}}/{{action:suspend|reinstate}}", api.org_suspension)
+    app.router.add_post(f"{p}/workspaces", api.create_workspace)
+    app.router.add_post(
+        f"{p}/workspaces/{{ws}}/{{action:suspend|reinstate}}", api.workspace_suspension
+    )
+    app.router.add_post(f"{p}/workspaces/{{ws}}/keys", api.issue_key)
+    app.router.add_delete(f"{p}/keys/{{key_id}}", api.revoke_key)
+    app.router.add_post(f"{p}/grants", api.create_grant)
+    app.router.add_get(f"{p}/grants", api.list_grants)
+    app.router.add_get(f"{p}/grants/{{grant_id}}", api.get_grant)
+    app.router.add_post(f"{p}/grants/{{grant_id}}/approve", api.approve_grant)
+    app.router.add_post(f"{p}/grants/{{grant_id}}/enable", api.enable_grant)
+    app.router.add_post(
+        f"{p}/grants/{{grant_id}}/{{action:suspend|reinstate|revoke}}", api.grant_lifecycle
+    )
+    app.router.add_get(f"{p}/explain", api.explain)
+    app.router.add_get(f"{p}/audit", api.audit)
+    return app
