@@ -1,0 +1,106 @@
+"""The benchmark's baseline: a bare aiohttp pass-through proxy with no enforcement at all.
+
+It is set up as access-proxy's data plane is (the default asyncio event loop, a low-level
+``web.Server`` handler under a ``ServerRunner``, one shared client session made by
+``proxy.dataplane.forward.make_session``, the answer streamed back chunk by chunk), so the
+difference measured against it is the cost of enforcement and nothing else.
+
+Run: ``python benchmarks/baseline_proxy.py --port 8081 --upstream http://127.0.0.1:8089``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, MultiMapping
+from yarl import URL
+
+from proxy.dataplane.forward import make_session
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+def _pass_through(headers: MultiMapping[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in _HOP_BY_HOP:
+            out.add(name, value)
+    return out
+
+
+class Baseline:
+    def __init__(self, upstream: str, session: aiohttp.ClientSession) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.session = session
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            upstream_resp = await self.session.request(
+                request.method,
+                URL(self.upstream + request.raw_path, encoded=True),
+                data=body or None,
+                headers=_pass_through(request.headers),
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, OSError):
+            return web.Response(status=502, text="upstream unreachable")
+        try:
+            response = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason)
+            response.headers.update(_pass_through(upstream_resp.headers))
+            await response.prepare(request)
+            while chunk := await upstream_resp.content.read():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            upstream_resp.release()
+
+
+async def serve(host: str, port: int, upstream: str) -> None:
+    session = make_session()
+    baseline = Baseline(upstream, session)
+    server = web.Server(baseline.handle, handler_cancellation=True)
+    runner = web.ServerRunner(server, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    print(f"baseline proxy on {host}:{port} -> {upstream}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await session.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8089")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.host, args.port, args.upstream))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
