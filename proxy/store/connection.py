@@ -36,14 +36,17 @@ def make_client(url: str, *, timeout_s: float | None) -> aioredis.Redis:
 
 
 class Breaker:
-    """Opens after ``failures`` consecutive errors; after ``reset_s`` lets one trial call through."""
+    """Opens after ``failures`` consecutive errors; every ``reset_s`` lets one trial call through.
+
+    A trial that never reports back (its caller was cancelled) holds the breaker open only until
+    the next ``reset_s`` has passed, when another trial may go.
+    """
 
     def __init__(self, failures: int, reset_s: float) -> None:
         self.failures = failures
         self.reset_s = reset_s
         self._count = 0
         self._open_until = 0.0
-        self._trial = False
 
     @property
     def is_open(self) -> bool:
@@ -53,18 +56,16 @@ class Breaker:
         if self._count < self.failures:
             return True
         now = time.monotonic()
-        if now < self._open_until or self._trial:
+        if now < self._open_until:
             return False
-        self._trial = True  # half-open: one call decides
+        self._open_until = now + self.reset_s  # half-open: this call decides
         return True
 
     def success(self) -> None:
         self._count = 0
-        self._trial = False
 
     def failure(self) -> None:
         self._count += 1
-        self._trial = False
         if self._count >= self.failures:
             self._open_until = time.monotonic() + self.reset_s
 
