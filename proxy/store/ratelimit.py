@@ -1,0 +1,312 @@
+"""Rate limits that hold across replicas (SPEC §3.4 row 12, §5, §6): requests per minute with a
+burst, and a cap on concurrent requests, per workspace and program.
+
+The rate is a GCRA bucket of ``max(1, burst)`` requests refilled at ``requests_per_minute``, so
+in any interval of ``t`` seconds all replicas together admit at most ``burst + rate × t``; there
+are no windows, hence no doubling at a window edge. One Lua script per request, judged against the
+Redis clock, checks the bucket and takes a concurrency slot in the same round trip. A slot is a
+member of a sorted set scored by its lease expiry; the background task extends the leases of
+slots still held, so the slots of a replica that crashed expire on their own.
+
+When Redis cannot answer, a replica limits alone with its share of the limit (the limit divided
+by the replicas last seen alive), counted as ``failure_mode{check="rate_limit",mode="local"}``.
+A limit marked ``shadow`` is evaluated and counted but never refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from proxy import metrics
+from proxy.config import RateLimit
+from proxy.store.connection import Gate, RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+REPLICAS_KEY = "ap:replicas"
+SCRIPT = resources.files("proxy.store").joinpath("ratelimit.lua").read_text(encoding="utf-8")
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
+
+_US = 1_000_000
+_MINUTE_US = 60 * _US
+_REFRESH_BATCH = 500
+# A slot refused for concurrency frees when some request ends, which no clock can tell.
+_CONCURRENCY_RETRY_S = 1.0
+_REASONS = {1: "rate", 2: "concurrency"}
+
+
+def rate_key(workspace_id: str, program: str | None) -> str:
+    return f"ap:rl:{workspace_id}:{program or '-'}"
+
+
+def concurrency_key(workspace_id: str, program: str | None) -> str:
+    return f"ap:cc:{workspace_id}:{program or '-'}"
+
+
+def _seconds(value: float) -> str:
+    """``1.5s`` style, at millisecond precision."""
+    return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitResult:
+    allowed: bool  # what to enforce (always True when the limit is shadow)
+    would_allow: bool  # the verdict had the limit been enforced
+    limit: int  # requests per minute this replica applied (its share in local mode)
+    remaining: int
+    reset_s: float  # until the bucket is full again
+    retry_after_s: float  # 0 when allowed
+    reason: str | None  # "rate" | "concurrency" when the verdict is a refusal
+    slot: str | None  # concurrency slot to release, None if none was taken
+    mode: str  # "redis" | "local"
+
+    def headers(self) -> dict[str, str]:
+        out = {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(self.remaining),
+            "x-ratelimit-reset-requests": _seconds(self.reset_s),
+        }
+        if not self.allowed:
+            out["retry-after"] = str(max(1, math.ceil(self.retry_after_s)))
+        return out
+
+
+class _LocalLimits:
+    """The in-process fallback: GCRA on the monotonic clock and plain slot counts."""
+
+    def __init__(self) -> None:
+        self.tat: dict[str, float] = {}
+        self.slots: dict[str, int] = {}
+        self.held: dict[str, str] = {}  # slot -> concurrency key
+
+    def acquire(
+        self, rl: str, cc: str, limit: RateLimit, replicas: int, slot: str
+    ) -> tuple[int, int, int, float, float]:
+        """(share of rpm, reason code, remaining, reset_s, retry_after_s); reason 0 = admitted."""
+        share_rpm = limit.requests_per_minute / replicas
+        interval = 60.0 / share_rpm
+        capacity = max(1, max(1, limit.burst) // replicas) * interval
+        concurrent = max(1, limit.concurrent // replicas)
+        shown = max(1, limit.requests_per_minute // replicas)
+        now = time.monotonic()
+        tat = max(self.tat.get(rl, now), now)
+        new_tat = tat + interval
+        allow_at = new_tat - capacity
+        if allow_at > now:
+            return shown, 1, 0, tat - now, allow_at - now
+        if self.slots.get(cc, 0) >= concurrent:
+            remaining = math.floor((now + capacity - tat) / interval + 1e-9)
+            return shown, 2, remaining, tat - now, 0.0
+        self.slots[cc] = self.slots.get(cc, 0) + 1
+        self.held[slot] = cc
+        self.tat[rl] = new_tat
+        remaining = math.floor((now + capacity - new_tat) / interval + 1e-9)
+        return shown, 0, remaining, new_tat - now, 0.0
+
+    def release(self, slot: str) -> None:
+        cc = self.held.pop(slot, None)
+        if cc is None:
+            return
+        left = self.slots.get(cc, 0) - 1
+        if left > 0:
+            self.slots[cc] = left
+        else:
+            self.slots.pop(cc, None)
+
+    def prune(self) -> None:
+        """Forget full buckets: an absent bucket is a full one."""
+        now = time.monotonic()
+        for key in [k for k, tat in self.tat.items() if tat <= now]:
+            del self.tat[key]
+
+
+class RateLimiter:
+    """Rate and concurrency limits shared through Redis, with a per-replica local fallback.
+
+    ``replica_id`` must be unique per process: it names this replica's heartbeat and prefixes its
+    slot ids. ``lease_s`` is how long a slot outlives the replica that took it.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        gate: Gate,
+        replica_id: str,
+        *,
+        lease_s: float = 30.0,
+        heartbeat_s: float = 5.0,
+        replica_ttl_s: float | None = None,
+    ) -> None:
+        self._redis = redis
+        self._gate = gate
+        self.replica_id = replica_id
+        self.lease_s = lease_s
+        self.heartbeat_s = heartbeat_s
+        self.replica_ttl_s = replica_ttl_s if replica_ttl_s is not None else 3 * heartbeat_s
+        self.replicas = 1  # live replicas last seen in Redis, for the local share
+        self._lease_us = str(max(1, round(lease_s * _US)))
+        self._seq = itertools.count(1)
+        self._held: dict[str, str] = {}  # slot -> concurrency key, while leased in Redis
+        self._local = _LocalLimits()
+        self._task: asyncio.Task[None] | None = None
+        self._local_mode = metrics.FAILURE_MODE.labels("rate_limit", "local")
+        self._shadow = metrics.SHADOW_DECISIONS.labels("rate_limit")
+
+    async def acquire(
+        self, workspace_id: str, program: str | None, limit: RateLimit
+    ) -> LimitResult:
+        """Judge one request: one Redis round trip, or the local share when Redis is away."""
+        rl = rate_key(workspace_id, program)
+        cc = concurrency_key(workspace_id, program)
+        slot = f"{self.replica_id}:{next(self._seq)}"
+        interval_us = -(-_MINUTE_US // max(1, limit.requests_per_minute))  # ceil: never faster
+        args = (
+            "acquire",
+            str(interval_us),
+            str(max(1, limit.burst) * interval_us),
+            str(max(1, limit.concurrent)),
+            self._lease_us,
+            slot,
+        )
+        try:
+            reply = await self._gate.call("rate_limit", lambda: self._script((rl, cc), args))
+        except RedisUnavailable:
+            self._local_mode.inc()
+            shown, code, remaining, reset_s, retry_s = self._local.acquire(
+                rl, cc, limit, max(1, self.replicas), slot
+            )
+            return self._result(limit, shown, code, remaining, reset_s, retry_s, slot, "local")
+        code, remaining, reset_us, retry_us = (int(v) for v in reply[1:5])
+        if code == 0:
+            self._held[slot] = cc
+        return self._result(
+            limit,
+            limit.requests_per_minute,
+            code,
+            remaining,
+            reset_us / _US,
+            retry_us / _US,
+            slot,
+            "redis",
+        )
+
+    def _result(
+        self,
+        limit: RateLimit,
+        shown: int,
+        code: int,
+        remaining: int,
+        reset_s: float,
+        retry_s: float,
+        slot: str,
+        mode: str,
+    ) -> LimitResult:
+        would_allow = code == 0
+        if not would_allow and limit.shadow:
+            self._shadow.inc()
+        allowed = would_allow or limit.shadow
+        if allowed:
+            retry_s = 0.0
+        elif code == 2:
+            retry_s = _CONCURRENCY_RETRY_S
+        return LimitResult(
+            allowed=allowed,
+            would_allow=would_allow,
+            limit=shown,
+            remaining=max(0, remaining),
+            reset_s=max(0.0, reset_s),
+            retry_after_s=retry_s,
+            reason=_REASONS.get(code),
+            slot=slot if would_allow else None,
+            mode=mode,
+        )
+
+    async def release(self, result: LimitResult) -> None:
+        """Free the result's concurrency slot where it was taken. Safe to call twice.
+
+        If Redis cannot answer, the slot is no longer refreshed and its lease runs out.
+        """
+        slot = result.slot
+        if slot is None:
+            return
+        if result.mode == "local":
+            self._local.release(slot)
+            return
+        cc = self._held.pop(slot, None)
+        if cc is None:
+            return
+        with contextlib.suppress(RedisUnavailable):
+            await self._gate.call(
+                "rate_limit_release", lambda: self._script((cc,), ("release", slot))
+            )
+
+    async def start(self) -> None:
+        """Announce this replica and start the background heartbeat and lease refresh."""
+        await self._heartbeat()
+        self._task = asyncio.create_task(self._run(), name="rate-limit-upkeep")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(RedisUnavailable):
+            await self._gate.call(
+                "rate_limit_heartbeat", lambda: self._redis.zrem(REPLICAS_KEY, self.replica_id)
+            )
+
+    async def _run(self) -> None:
+        tick = min(self.heartbeat_s, self.lease_s / 3)
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                await self._heartbeat()
+                await self._refresh()
+                self._local.prune()
+            except Exception:
+                log.exception("rate limit upkeep failed")
+
+    async def _heartbeat(self) -> None:
+        ttl_us = str(max(1, round(self.replica_ttl_s * _US)))
+        args = ("heartbeat", ttl_us, self.replica_id)
+        try:
+            live = await self._gate.call(
+                "rate_limit_heartbeat", lambda: self._script((REPLICAS_KEY,), args)
+            )
+        except RedisUnavailable:
+            return
+        self.replicas = max(1, int(live))
+
+    async def _refresh(self) -> None:
+        """Extend the leases of the slots held now; a released one is simply not extended."""
+        held = list(self._held.items())
+        for start in range(0, len(held), _REFRESH_BATCH):
+            batch = held[start : start + _REFRESH_BATCH]
+            keys = [cc for _, cc in batch]
+            args = ["refresh", self._lease_us, *(slot for slot, _ in batch)]
+            try:
+                await self._gate.call("rate_limit_refresh", partial(self._script, keys, args))
+            except RedisUnavailable:
+                return
+
+    async def _script(self, keys: Sequence[str], args: Sequence[str]) -> Any:
+        try:
+            return await self._redis.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            # EVAL also caches the script, so the next EVALSHA finds it.
+            return await self._redis.eval(SCRIPT, len(keys), *keys, *args)
