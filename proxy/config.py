@@ -25,7 +25,15 @@ DEFAULT_PATH = "config/proxy.yaml"
 PHASES = ("closed", "preview", "ga")
 ROLES = ("operator", "viewer")  # plus "approver:<role>"
 # Settings a running process keeps until restart (the worker count is a command-line flag).
-RESTART_ONLY = ("listen", "admin.listen", "redis.url", "state_dir")
+RESTART_ONLY = (
+    "listen",
+    "admin.listen",
+    "redis.url",
+    "state_dir",
+    "cache.max_entries",
+    "keys.pepper_env",
+    "keys.pepper_file",
+)
 
 
 # --------------------------------------------------------------------------- snapshot types

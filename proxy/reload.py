@@ -77,6 +77,8 @@ def keep_restart_only(running: Config, new: Config) -> Config:
         admin=dataclasses.replace(new.admin, listen=running.admin.listen),
         redis=dataclasses.replace(new.redis, url=running.redis.url),
         state_dir=running.state_dir,
+        cache=dataclasses.replace(new.cache, max_entries=running.cache.max_entries),
+        keys=running.keys,
     )
 
 

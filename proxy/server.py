@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from proxy import config as config_mod
 from proxy import identity, metrics
+from proxy.admin.api import AdminContext, admin_app
 from proxy.config import Config
+from proxy.dataplane.admission import Admitter
 from proxy.dataplane.app import DataPlane, Hooks
+from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
 from proxy.redis_server import RedisServer
+from proxy.reload import Reloader
 from proxy.snapshot import Holder
 from proxy.store.cache import FactCache
 from proxy.store.connection import Breaker, Gate, make_client
 from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
+from proxy.store.ratelimit import RateLimiter
 from proxy.store.writes import Writes
 
 log = logging.getLogger("access_proxy")
@@ -69,13 +74,12 @@ class Proxy:
     holder: Holder
     redis_url: str
     peppers: identity.Peppers
-    hooks: Hooks = field(default_factory=Hooks)
+    config_path: str | None = None
     embedded: RedisServer | None = None
     reuse_port: bool = False
     data_port: int | None = None
     admin_port: int | None = None
     draining: bool = False
-    admin_extensions: list[Callable[[web.Application, Proxy], None]] = field(default_factory=list)
 
     async def start(self) -> None:
         cfg = self.holder.current.config
@@ -91,12 +95,29 @@ class Proxy:
         self.writes = Writes(self.admin_redis)
         self.subscriber = Subscriber(self.sub_redis, self.cache)
         self.subscriber.start()
+        self.limiter = RateLimiter(self.fast_redis, self.gate, secrets.token_hex(6))
+        await self.limiter.start()
+        self.flags = FlagRecorder(
+            self.writes,
+            lambda: self.holder.current.config.misuse,
+            lambda: self.holder.current.config.version,
+        )
+        self.flags.start()
+        self.reloader: Reloader | None = None
+        if self.config_path is not None:
+            self.reloader = Reloader(
+                self.holder, self.config_path, redis=self.sub_redis, on_swap=self._config_swapped
+            )
+            await self.reloader.start()
         self.session = make_session()
+        admitter = Admitter(self.session, self.limiter)
+        hooks = Hooks(admit=admitter.admit, on_upstream_headers=self.flags.on_upstream_headers)
         self.dataplane = DataPlane(
-            self.holder, self.entitlements, self.peppers, self.session, self.hooks
+            self.holder, self.entitlements, self.peppers, self.session, hooks
         )
 
-        server = web.Server(self.dataplane.handle, handler_cancellation=True)
+        # No access log on the data listener: no per-request logging on the hot path.
+        server = web.Server(self.dataplane.handle, handler_cancellation=True, access_log=None)
         self.data_runner = web.ServerRunner(
             server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
         )
@@ -110,9 +131,8 @@ class Proxy:
         )
         await data_site.start()
 
-        self.admin_app = self._admin_app()
         self.admin_runner = web.AppRunner(
-            self.admin_app, shutdown_timeout=5.0, handle_signals=False, access_log=None
+            self._admin_app(), shutdown_timeout=5.0, handle_signals=False, access_log=None
         )
         await self.admin_runner.setup()
         admin_site = web.TCPSite(
@@ -126,13 +146,23 @@ class Proxy:
         self.admin_port = _bound_port(self.admin_runner)
         metrics.CONFIG_INFO.labels(cfg.version).set(1)
 
+    def _config_swapped(self, old: Config, new: Config) -> None:
+        """Apply what lives outside the snapshot: the Redis deadline and breaker settings."""
+        self.gate.timeout_s = new.redis.timeout_ms / 1000
+        self.gate.breaker.failures = new.redis.breaker_failures
+        self.gate.breaker.reset_s = new.redis.breaker_reset_s
+        log.info("config %s -> %s", old.version, new.version)
+
+    async def _reload(self) -> dict[str, Any]:
+        if self.reloader is None:
+            return {"result": "error", "errors": [{"message": "no config file to reload"}]}
+        return await self.reloader.admin_reload()
+
     def _admin_app(self) -> web.Application:
-        app = web.Application()
+        app = admin_app(AdminContext(self.holder, self.writes, self.peppers, self._reload))
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        for extend in self.admin_extensions:
-            extend(app, self)
         return app
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -166,6 +196,10 @@ class Proxy:
         self.draining = True
         await self.data_runner.cleanup()
         await self.admin_runner.cleanup()
+        if self.reloader is not None:
+            await self.reloader.stop()
+        await self.flags.stop()
+        await self.limiter.stop()
         await self.subscriber.stop()
         await self.session.close()
         for client in (self.fast_redis, self.admin_redis, self.sub_redis):
@@ -179,7 +213,11 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 
 async def build_proxy(
-    cfg: Config, *, redis_url: str | None = None, reuse_port: bool = False
+    cfg: Config,
+    *,
+    redis_url: str | None = None,
+    reuse_port: bool = False,
+    config_path: str | None = None,
 ) -> Proxy:
     """Wire a Proxy for ``cfg``, starting the embedded Redis when the URL says so."""
     url = redis_url or redis_url_for(cfg)
@@ -193,11 +231,18 @@ async def build_proxy(
         cfg.keys.pepper_file,
         cfg.state_dir if (embedded is not None or os.environ.get(ENV_WORKER)) else None,
     )
-    return Proxy(Holder(cfg), url, peppers, embedded=embedded, reuse_port=reuse_port)
+    return Proxy(
+        Holder(cfg),
+        url,
+        peppers,
+        config_path=config_path,
+        embedded=embedded,
+        reuse_port=reuse_port,
+    )
 
 
 async def serve(cfg: Config, *, worker: bool = False) -> int:
-    proxy = await build_proxy(cfg, reuse_port=worker)
+    proxy = await build_proxy(cfg, reuse_port=worker, config_path=cfg.source)
     await proxy.start()
     log.info(
         "access-proxy serving: data %s:%s, admin %s:%s, config %s",
@@ -211,6 +256,8 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if proxy.reloader is not None:
+        proxy.reloader.install_sighup(loop)
     await stop.wait()
     log.info("draining (grace %.0fs)", cfg.shutdown_grace_s)
     await proxy.stop()
