@@ -152,6 +152,7 @@ class RateLimit:
 class RateLimits:
     default: RateLimit
     programs: Mapping[str, RateLimit]
+    enabled: bool = True
 
     def for_program(self, program: str | None) -> RateLimit:
         if program is None:
@@ -780,7 +781,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
         tiers=tuple(tiers),
     )
 
-    rlm = c.mapping(top.get("rate_limits"), "rate_limits", ("default", "programs"))
+    rlm = c.mapping(top.get("rate_limits"), "rate_limits", ("enabled", "default", "programs"))
     default_rl = _rate_limit(c, rlm.get("default"), "rate_limits.default", None)
     prm = c.mapping(rlm.get("programs"), "rate_limits.programs", _keys_of(rlm.get("programs")))
     program_limits: dict[str, RateLimit] = {}
@@ -788,7 +789,11 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
         if name not in programs:
             c.err(f"rate_limits.programs.{name}", f"unknown program {name!r}")
         program_limits[str(name)] = _rate_limit(c, raw, f"rate_limits.programs.{name}", default_rl)
-    rate_limits = RateLimits(default_rl, MappingProxyType(program_limits))
+    rate_limits = RateLimits(
+        default_rl,
+        MappingProxyType(program_limits),
+        c.get(rlm, "enabled", "rate_limits", bool, True),
+    )
 
     pr = c.mapping(
         top.get("pricing"),

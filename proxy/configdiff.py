@@ -219,6 +219,9 @@ def diff(old: Config, new: Config) -> list[Change]:
         _describe_fields,
     )
 
+    d.changed(
+        "rate_limits", "rate_limits.enabled", old.rate_limits.enabled, new.rate_limits.enabled
+    )
     d.fields("rate_limits", "rate_limits.default", old.rate_limits.default, new.rate_limits.default)
     d.mapping(
         "rate_limits",

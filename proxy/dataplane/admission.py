@@ -51,7 +51,7 @@ class Admitter:
 
         # Row 12.
         limit = decision.rate_limit
-        if self.limiter is None or limit is None:
+        if self.limiter is None or limit is None or not cfg.rate_limits.enabled:
             return ADMITTED
         program = decision.program.name if decision.program is not None else None
         result = await self.limiter.acquire(facts.workspace.workspace_id, program, limit)
