@@ -11,6 +11,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy import metrics
 
@@ -83,7 +84,12 @@ class Gate:
             raise RedisUnavailable(f"{op}: circuit open")
         try:
             async with asyncio.timeout(self.timeout_s):
-                result = await fn()
+                try:
+                    result = await fn()
+                except RedisConnectionError:
+                    # Likely a pooled connection that Redis closed when it restarted; the failed
+                    # one is dropped, so one more try runs on a new connection.
+                    result = await fn()
         except (aioredis.RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
             metrics.REDIS_ERRORS.labels(op).inc()

@@ -300,6 +300,32 @@ async def test_stale_if_error_serves_known_facts_and_fails_closed_for_the_rest(
         await replica.close()
 
 
+async def test_a_redis_restart_fails_no_lookup(private_redis: RedisServer) -> None:
+    await seed(private_redis.url)
+    replica = Replica(private_redis.url, failures=1)
+    # No stale window: a failed read cannot hide behind an old entry.
+    cc = CacheConfig(
+        ttl_seconds=0.05, stale_if_error_seconds=0, max_entries=1000, propagation_target_ms=100
+    )
+    ops = ("workspace", "org", "grants", "standing")
+    try:
+        # The pooled connections are open to the Redis that is about to restart.
+        assert await replica.entitlements.facts_for("ws1", cc) is not None
+        loaded = time.monotonic()
+        await private_redis.stop()
+        await private_redis.start()
+        await wait_until(lambda: time.monotonic() - loaded > cc.ttl_seconds, message="past the ttl")
+        errors = sum(redis_errors(op) for op in ops)
+
+        # Every entry is re-read, over connections that the old Redis closed.
+        facts = await replica.entitlements.facts_for("ws1", cc)
+        assert facts is not None and facts.workspace.org_id == "org1"
+        assert sum(redis_errors(op) for op in ops) == errors
+        assert not replica.breaker.is_open
+    finally:
+        await replica.close()
+
+
 async def test_the_breaker_stops_calling_a_redis_that_does_not_answer(
     private_redis: RedisServer,
 ) -> None:
