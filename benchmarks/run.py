@@ -115,6 +115,7 @@ CASES: tuple[Case, ...] = (
     Case("upstream", "upstream"),
     Case("baseline", "baseline"),
     Case("access-proxy", "proxy"),
+    Case("access-proxy+rate-limit", "proxy", {"rate_limits": {"enabled": True}}),
 )
 BASELINE = "baseline"
 
@@ -284,8 +285,8 @@ def base_config(upstream_url: str, redis_url: str, state_dir: Path) -> dict[str,
         "state_dir": str(state_dir),
         "upstreams": {"models": {"url": upstream_url, "api_key_env": "UPSTREAM_API_KEY"}},
         "routes": [{"path_prefix": "/v1/", "product": PRODUCT, "upstream": "models"}],
-        # Rate limiting is a case of its own: here no limit is ever reached.
-        "rate_limits": {"default": UNLIMITED},
+        # Rate limiting is a case of its own (enabled there); its limits are never reached.
+        "rate_limits": {"enabled": False, "default": UNLIMITED},
         "programs": {
             PROGRAM: {
                 "models": ["gpt-5.6-sol", "gpt-5.6-terra", "gpt-5.6-luna"],

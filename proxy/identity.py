@@ -16,7 +16,6 @@ import hmac
 import os
 import secrets
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 
 KEY_PREFIX = "sk-ap-"
@@ -36,7 +35,7 @@ class Peppers:
         secret = self.secrets.get(version or self.current)
         if secret is None:
             return None
-        return hmac.new(secret, key.encode(), sha256).digest()
+        return hmac.digest(secret, key.encode(), "sha256")
 
 
 def parse_peppers(text: str) -> Peppers:

@@ -84,6 +84,11 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
         raise BodyError("request_too_large", f"The request body exceeds {limit} bytes.")
     if not request.body_exists:
         return b""
+    if declared is not None:
+        try:
+            return await request.content.readexactly(declared)
+        except asyncio.IncompleteReadError:
+            raise BodyError("invalid_request", "The request body ended early.") from None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
@@ -128,6 +133,7 @@ class DataPlane:
         self.hooks = hooks or Hooks()
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[str, Any] = {}
+        self._ttfb: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ accounting
 
@@ -328,7 +334,10 @@ class DataPlane:
         except UpstreamError as exc:
             self._count(product, program, exc.code, started)
             return self.deny(exc.code, rid)
-        metrics.UPSTREAM_TTFB.labels(upstream_name).observe(result.ttfb_seconds)
+        ttfb = self._ttfb.get(upstream_name)
+        if ttfb is None:
+            ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
+        ttfb.observe(result.ttfb_seconds)
         self._count(product, program, "ok", started)
         return result.response
 
