@@ -29,7 +29,7 @@ from proxy import identity, metrics
 from proxy.admin.api import AdminContext, admin_app
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
-from proxy.dataplane.app import DataPlane, Hooks
+from proxy.dataplane.app import DataPlane, DataServer, Hooks
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
 from proxy.redis_server import RedisServer
@@ -117,7 +117,7 @@ class Proxy:
         )
 
         # No access log on the data listener: no per-request logging on the hot path.
-        server = web.Server(self.dataplane.handle, handler_cancellation=True, access_log=None)
+        server = DataServer(self.dataplane.handle, handler_cancellation=True, access_log=None)
         self.data_runner = web.ServerRunner(
             server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDictProxy
 
 from proxy import identity, metrics
@@ -392,3 +393,43 @@ class DataPlane:
             body=json.dumps(doc).encode(),
             headers={"x-request-id": rid, "content-type": _JSON},
         )
+
+
+class _DataRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors in the OpenAI error shape.
+
+    aiohttp refuses ambiguous framing (Content-Length with Transfer-Encoding, conflicting
+    Content-Lengths) and malformed requests in its parser, before any handler runs; this keeps
+    those answers to the contract: JSON error body and an ``x-request-id``.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        if status >= 500:
+            self.log_exception("error handling request", exc_info=exc)
+            code = "internal_error"
+        else:
+            log.debug("refused a malformed request: %s", message)
+            code = "request_too_large" if status == 413 else "invalid_request"
+        detail = None if status >= 500 else f"Malformed HTTP request: {message or status}."
+        response = web.Response(
+            status=status,
+            body=error_json(code, detail),
+            headers={"x-request-id": _request_id(), "content-type": _JSON},
+        )
+        response.force_close()
+        return response
+
+
+class DataServer(web.Server):
+    """The low-level server for the data listener (see ``_DataRequestHandler``)."""
+
+    def __call__(self) -> RequestHandler:
+        return _DataRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -334,8 +334,11 @@ async def test_ambiguous_framing_is_refused(
         "CL list": common + b"Content-Length: " + size + b", 5\r\n\r\n" + body,
     }
     for what, raw in attempts.items():
-        status, head, _ = await raw_exchange(stack.proxy.data_port, raw)
+        status, head, payload = await raw_exchange(stack.proxy.data_port, raw)
         assert status == 400, (what, head)
+        assert head_headers(head).get("x-request-id"), (what, head)
+        error = json.loads(payload)["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
     # None of them reached the upstream.
     for seen in await mock_requests(http, stack.mock.url):
         assert header_values(seen, "x-e2e-trace") != [trace.decode()]
