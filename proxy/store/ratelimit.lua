@@ -8,7 +8,7 @@
 --          ARGV: op, emission interval, capacity in time (burst x interval), concurrent cap,
 --                lease, slot id
 --          -> {admitted 0/1, reason 0 ok | 1 rate | 2 concurrency, remaining, reset, retry}
--- release  KEYS: cc key; ARGV: op, slot id -> slots removed
+-- release  KEYS: cc keys; ARGV: op, one slot id per key -> slots removed
 -- refresh  KEYS: cc keys; ARGV: op, lease, one slot id per key -> leases extended
 -- heartbeat KEYS: replica set; ARGV: op, ttl, replica id -> live replicas
 
@@ -58,7 +58,11 @@ if op == 'acquire' then
   local remaining = math.floor((now + capacity - new_tat) / interval)
   return {1, 0, remaining, new_tat - now, 0}
 elseif op == 'release' then
-  return redis.call('ZREM', KEYS[1], ARGV[2])
+  local removed = 0
+  for i, key in ipairs(KEYS) do
+    removed = removed + redis.call('ZREM', key, ARGV[1 + i])
+  end
+  return removed
 elseif op == 'refresh' then
   local lease = tonumber(ARGV[2])
   local expiry = fmt(now_us() + lease)

@@ -163,6 +163,8 @@ class RateLimiter:
         self._held: dict[str, str] = {}  # slot -> concurrency key, while leased in Redis
         self._local = _LocalLimits()
         self._task: asyncio.Task[None] | None = None
+        self._release_batch: tuple[list[str], list[str], asyncio.Future[None]] | None = None
+        self._flushing: set[asyncio.Future[None]] = set()
         self._local_mode = metrics.FAILURE_MODE.labels("rate_limit", "local")
         self._shadow = metrics.SHADOW_DECISIONS.labels("rate_limit")
 
@@ -249,10 +251,28 @@ class RateLimiter:
         cc = self._held.pop(slot, None)
         if cc is None:
             return
-        with contextlib.suppress(RedisUnavailable):
+        if self._release_batch is None:
+            # Releases that end in the same loop turn share one Redis call.
+            self._release_batch = ([], [], asyncio.get_running_loop().create_future())
+            self._flushing.add(asyncio.ensure_future(self._flush_releases()))
+        keys, slots, done = self._release_batch
+        keys.append(cc)
+        slots.append(slot)
+        await asyncio.shield(done)
+
+    async def _flush_releases(self) -> None:
+        batch, self._release_batch = self._release_batch, None
+        assert batch is not None
+        keys, slots, done = batch
+        try:
             await self._gate.call(
-                "rate_limit_release", lambda: self._script((cc,), ("release", slot))
+                "rate_limit_release", partial(self._script, keys, ["release", *slots])
             )
+        except RedisUnavailable:
+            pass  # the slots are no longer refreshed; their leases run out
+        finally:
+            done.set_result(None)
+            self._flushing.discard(asyncio.current_task())
 
     async def start(self) -> None:
         """Announce this replica and start the background heartbeat and lease refresh."""
