@@ -1,4 +1,5 @@
-"""The admin HTTP API (SPEC §7): orgs, workspaces, keys, grants, explain and the audit log.
+"""The admin HTTP API (SPEC §7): orgs, workspaces, keys, grants, misuse standing, explain, the
+audit log and config reload.
 
 Every request presents ``Authorization: Bearer <admin token>``; the token's SHA-256 names it in
 the live config, with its roles: ``operator`` changes things, ``approver:<role>`` approves grants
@@ -22,10 +23,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from proxy.admin.explain import explain, grant_view
+from proxy import metrics
+from proxy.admin.explain import explain, grant_view, time_or_none
 from proxy.config import AdminToken, Config
 from proxy.errors import CODES, error_payload
 from proxy.identity import Peppers
+from proxy.policy.standing import Flag, Standing, StandingView, evaluate_standing
 from proxy.snapshot import Holder
 from proxy.store.audit import read_entries
 from proxy.store.schema import AUDIT_HEAD
@@ -45,6 +48,9 @@ MAX_AUDIT_PAGE = 1000
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _SUBJECT = re.compile(r"(org|workspace):(.+)")
+_CATEGORY = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MAX_SEVERITY = 100  # as for flags from the upstream header
+UPSTREAM_SOURCE = "upstream"  # reserved for flags read from the upstream's safety header
 
 CONFIG = web.RequestKey("admin_config", Config)
 TOKEN = web.RequestKey("admin_token", AdminToken)
@@ -174,6 +180,37 @@ def _subject(value: Any) -> str:
     return str(value)
 
 
+def standing_view(
+    standing: Standing, view: StandingView, window: float, now: float
+) -> dict[str, Any]:
+    """The standing answer: score and tier now, the cooldown end, and the flags in the window."""
+    return {
+        "score": view.score,
+        "tier": view.tier_name,
+        "until": time_or_none(view.cooldown_until),
+        "suspended": view.suspended,
+        "suspended_at": time_or_none(standing.suspended_at) if standing.suspended else None,
+        "shadow_tier": view.shadow_tier.name if view.shadow_tier is not None else None,
+        "flags": [
+            {
+                "at": time_or_none(f.at),
+                "expires_at": time_or_none(f.at + window),
+                "category": f.category,
+                "severity": f.severity,
+                "source": f.source,
+                "note": f.note,
+            }
+            for f in standing.flags
+            if now - window < f.at <= now
+        ],
+    }
+
+
+def _count_transition(before: StandingView, after: StandingView) -> None:
+    if after.tier_name != before.tier_name:
+        metrics.TIER_TRANSITIONS.labels(after.tier_name).inc()
+
+
 # --------------------------------------------------------------------------- the API
 
 
@@ -265,13 +302,18 @@ class AdminAPI:
         return web.json_response(workspace_dict(ws), status=201)
 
     async def workspace_suspension(self, request: web.Request) -> web.Response:
-        _, actor = self._need(request, "operator")
+        cfg, actor = self._need(request, "operator")
         body = await _body(request, ("reason",), ())
         reason = _check_text(body["reason"], "reason")
         suspend = request.match_info["action"] == "suspend"
-        ws = await self.writes.set_workspace_suspended(
-            actor, request.match_info["ws"], suspend, reason
-        )
+        ws_id = request.match_info["ws"]
+        before: StandingView | None = None
+        if not suspend:  # a reinstate also lifts a misuse suspension: a tier change
+            _, before, _ = await self._standing(ws_id, cfg)
+        ws = await self.writes.set_workspace_suspended(actor, ws_id, suspend, reason)
+        if before is not None:
+            _, after, _ = await self._standing(ws_id, cfg)
+            _count_transition(before, after)
         return web.json_response(workspace_dict(ws))
 
     # keys ---------------------------------------------------------------------
@@ -395,6 +437,84 @@ class AdminAPI:
         )
         return web.json_response(grant_view(grant, cfg, time.time()))
 
+    # misuse standing ------------------------------------------------------------
+
+    async def _standing(self, ws_id: str, cfg: Config) -> tuple[Standing, StandingView, float]:
+        if await self.writes.workspace(ws_id) is None:
+            raise NotFound(f"workspace {ws_id} not found")
+        standing = await self.writes.standing(ws_id)
+        now = time.time()
+        return standing, evaluate_standing(standing, cfg.misuse, now), now
+
+    async def _standing_answer(self, ws_id: str, cfg: Config, status: int = 200) -> web.Response:
+        standing, view, now = await self._standing(ws_id, cfg)
+        return web.json_response(
+            standing_view(standing, view, cfg.misuse.window_seconds, now), status=status
+        )
+
+    async def add_flag(self, request: web.Request) -> web.Response:
+        cfg, actor = self._need(request, "operator")
+        body = await _body(request, ("category", "severity", "source"), ("note",))
+        category = body["category"]
+        if not isinstance(category, str) or not _CATEGORY.fullmatch(category):
+            raise ApiError(
+                "invalid_body",
+                "category must be 1-64 lower-case letters, digits, '.', '_' or '-'",
+                "category",
+            )
+        severity = body["severity"]
+        if not isinstance(severity, int) or isinstance(severity, bool):
+            raise ApiError("invalid_body", "severity must be an integer", "severity")
+        if not 1 <= severity <= MAX_SEVERITY:
+            raise ApiError(
+                "invalid_body", f"severity must be between 1 and {MAX_SEVERITY}", "severity"
+            )
+        source = _check_id(body["source"], "source")
+        if source == UPSTREAM_SOURCE:
+            raise ApiError(
+                "invalid_body",
+                f"source {UPSTREAM_SOURCE!r} is reserved for the upstream's safety header",
+                "source",
+            )
+        note = _check_text(body["note"], "note") if body.get("note") is not None else None
+        ws_id = request.match_info["ws"]
+        flag = Flag(time.time(), category, severity, source, note)
+        await self.writes.add_flag(actor, ws_id, flag, cfg.misuse)
+        return await self._standing_answer(ws_id, cfg, 201)
+
+    async def get_standing(self, request: web.Request) -> web.Response:
+        cfg, _ = self._need(request, "read")
+        return await self._standing_answer(request.match_info["ws"], cfg)
+
+    async def clear_standing(self, request: web.Request) -> web.Response:
+        cfg, actor = self._need(request, "operator")
+        body = await _body(request, ("reason",), ())
+        reason = _check_text(body["reason"], "reason")
+        ws_id = request.match_info["ws"]
+        _, before, _ = await self._standing(ws_id, cfg)
+        after = await self.writes.clear_standing(actor, ws_id, reason, cfg.misuse)
+        _count_transition(before, after)
+        return await self._standing_answer(ws_id, cfg)
+
+    # config ----------------------------------------------------------------------
+
+    async def reload_config(self, request: web.Request) -> web.Response:
+        self._need(request, "operator")
+        await _body(request, (), ())
+        if self.ctx.reload is None:
+            raise ApiError("internal_error", "this process has no config reload")
+        answer = await self.ctx.reload()
+        if answer.get("result") == "error":
+            errors = answer.get("errors") or []
+            first = errors[0].get("message") if errors and isinstance(errors[0], dict) else None
+            message = "the configuration is not valid; nothing changed"
+            if first:
+                message += f": {first}"
+                if len(errors) > 1:
+                    message += f" (and {len(errors) - 1} more)"
+            return _error("invalid_config", message, errors=errors, version=answer.get("version"))
+        return web.json_response(answer)
+
     # explain and audit ----------------------------------------------------------
 
     async def explain(self, request: web.Request) -> web.Response:
@@ -450,6 +570,9 @@ def admin_app(ctx: AdminContext) -> web.Application:
         f"{p}/workspaces/{{ws}}/{{action:suspend|reinstate}}", api.workspace_suspension
     )
     app.router.add_post(f"{p}/workspaces/{{ws}}/keys", api.issue_key)
+    app.router.add_post(f"{p}/workspaces/{{ws}}/flags", api.add_flag)
+    app.router.add_get(f"{p}/workspaces/{{ws}}/standing", api.get_standing)
+    app.router.add_post(f"{p}/workspaces/{{ws}}/standing/clear", api.clear_standing)
     app.router.add_delete(f"{p}/keys/{{key_id}}", api.revoke_key)
     app.router.add_post(f"{p}/grants", api.create_grant)
     app.router.add_get(f"{p}/grants", api.list_grants)
@@ -461,4 +584,5 @@ def admin_app(ctx: AdminContext) -> web.Application:
     )
     app.router.add_get(f"{p}/explain", api.explain)
     app.router.add_get(f"{p}/audit", api.audit)
+    app.router.add_post(f"{p}/config/reload", api.reload_config)
     return app

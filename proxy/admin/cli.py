@@ -218,6 +218,53 @@ def explain(c: AdminClient, a: argparse.Namespace) -> Output:
     return Output(data, "\n".join(lines))
 
 
+STANDING_KEYS = ("score", "tier", "until", "suspended", "suspended_at", "shadow_tier")
+
+
+def standing_text(data: dict[str, Any]) -> str:
+    text = pairs(data, STANDING_KEYS)
+    flags = data.get("flags") or []
+    if flags:
+        columns = (
+            ("at", "at"),
+            ("category", "category"),
+            ("severity", "severity"),
+            ("source", "source"),
+            ("expires_at", "expires_at"),
+            ("note", "note"),
+        )
+        text += "\nflags in the window:\n" + _indent(table(flags, columns))
+    else:
+        text += "\nno flags in the window"
+    return text
+
+
+def flags_add(c: AdminClient, a: argparse.Namespace) -> Output:
+    body: dict[str, Any] = {"category": a.category, "severity": a.severity, "source": a.source}
+    if a.note is not None:
+        body["note"] = a.note
+    data = c.call("POST", f"/workspaces/{seg(a.workspace)}/flags", body)
+    return Output(data, standing_text(data))
+
+
+def standing_show(c: AdminClient, a: argparse.Namespace) -> Output:
+    data = c.call("GET", f"/workspaces/{seg(a.workspace)}/standing")
+    return Output(data, standing_text(data))
+
+
+def standing_clear(c: AdminClient, a: argparse.Namespace) -> Output:
+    data = c.call("POST", f"/workspaces/{seg(a.workspace)}/standing/clear", {"reason": a.reason})
+    return Output(data, "flags cleared\n" + standing_text(data))
+
+
+def config_reload(c: AdminClient, a: argparse.Namespace) -> Output:
+    data = c.call("POST", "/config/reload")
+    lines = [f"result   {data.get('result')}", f"version  {data.get('version')}"]
+    lines += [f"changed  {line}" for line in data.get("changes") or []]
+    lines += [f"restart required: {line}" for line in data.get("restart_required") or []]
+    return Output(data, "\n".join(lines))
+
+
 def audit_list(c: AdminClient, a: argparse.Namespace) -> Output:
     data = c.call("GET", "/audit", query={"after": a.after, "limit": a.limit})
     columns = (
@@ -360,6 +407,35 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         p.add_argument("grant_id")
         p.add_argument("--reason", required=True)
 
+    flags = groups.add_parser("flags", help="misuse flags").add_subparsers(
+        dest="admin_cmd", metavar="COMMAND", required=True
+    )
+    p = leaf(flags, "add", flags_add, "flag a workspace for misuse; prints its standing")
+    p.add_argument("workspace")
+    p.add_argument("--category", required=True, help="e.g. cyber")
+    p.add_argument("--severity", required=True, type=int)
+    p.add_argument("--source", required=True, help="who flags it, e.g. safety-pipeline")
+    p.add_argument("--note")
+
+    standing = groups.add_parser("standing", help="misuse standing").add_subparsers(
+        dest="admin_cmd", metavar="COMMAND", required=True
+    )
+    p = leaf(standing, "show", standing_show, "a workspace's score, tier and flags")
+    p.add_argument("workspace")
+    p = leaf(
+        standing,
+        "clear",
+        standing_clear,
+        "remove a workspace's flags (a misuse suspension stays until workspaces reinstate)",
+    )
+    p.add_argument("workspace")
+    p.add_argument("--reason", required=True)
+
+    cfg = groups.add_parser("config", help="the proxy's config").add_subparsers(
+        dest="admin_cmd", metavar="COMMAND", required=True
+    )
+    leaf(cfg, "reload", config_reload, "reload the config file on every replica (as SIGHUP)")
+
     p = leaf(groups, "explain", explain, "the decision the data plane would take now")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--key-id")
@@ -399,6 +475,11 @@ def run_admin(args: argparse.Namespace) -> int:
         existing = exc.body.get("grant_id")
         if existing:
             print(f"existing grant: {existing}", file=sys.stderr)
+        for issue in exc.body.get("errors") or []:
+            if isinstance(issue, dict):
+                where = issue.get("path") or "-"
+                line = f" (line {issue['line']})" if issue.get("line") else ""
+                print(f"  {where}{line}: {issue.get('message')}", file=sys.stderr)
         if args.json and exc.body:
             print(json.dumps(exc.body, indent=2))
         return 1

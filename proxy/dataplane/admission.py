@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
-from proxy.store.ratelimit import RateLimiter
 
 from proxy import metrics
 from proxy.dataplane.app import ADMITTED, Admission
@@ -15,6 +14,7 @@ from proxy.errors import CODES, DEFAULT_BODIES
 from proxy.policy import Decision
 from proxy.policy.facts import Facts
 from proxy.snapshot import Snapshot
+from proxy.store.ratelimit import RateLimiter
 
 
 def _refuse(code: str, rid: str, headers: dict[str, str] | None = None) -> Admission:
@@ -46,7 +46,7 @@ class Admitter:
                     self._classifier_closed.inc()
                     return _refuse("category_blocked", rid)
                 self._classifier_open.inc()
-            elif categories & decision.blocked_categories:
+            elif categories & {c.lower() for c in decision.blocked_categories}:
                 return _refuse("category_blocked", rid)
 
         # Row 12.

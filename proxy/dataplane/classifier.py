@@ -32,4 +32,4 @@ async def classify(
     cats = doc.get("categories") if isinstance(doc, dict) else None
     if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
         return None
-    return frozenset(cats)
+    return frozenset(c.strip().lower() for c in cats)
