@@ -76,14 +76,15 @@ class AdminCalls:
         self.commands: list[str] = []
 
     async def call(self, who: str, method: str, path: str, body: Any, cli: str) -> Any:
-        self.commands.append(f"access-proxy admin {cli}")
+        token = "" if who == "ops" else f" --token {self.tokens[who]}"
+        self.commands.append(f"access-proxy admin {cli}{token}")
         async with self.session.request(
             method,
             self.url + path,
             json=body,
             headers={"authorization": f"Bearer {self.tokens[who]}"},
         ) as resp:
-            doc = await resp.json()
+            doc = await resp.json() if resp.status != 204 else None
             if resp.status >= 300:
                 raise RuntimeError(f"{method} {path} -> {resp.status}: {doc}")
             return doc
