@@ -3,7 +3,9 @@
 Cooldown is derived from the flags and the clock: a flag that brings the windowed score to a
 cooldown tier's threshold starts a block of ``block_seconds``; once the block is over the
 workspace is handled as the highest tier below the cooldown until its score changes. A misuse
-suspension is a recorded fact (``Standing.suspended``), so it does not lift when flags age out.
+suspension is a recorded fact (``Standing.suspended``, written when a flag brings the score to a
+suspending tier), so it does not lift when flags age out, and an operator's reinstate lifts it
+even while the score is still high (the next flag then suspends again).
 """
 
 from __future__ import annotations
@@ -71,14 +73,26 @@ def _block_until(flags: tuple[Flag, ...], window: float, tier: Tier) -> float | 
 def _effective(
     tiers: tuple[Tier, ...], flags: tuple[Flag, ...], window: float, score: int, now: float
 ) -> tuple[Tier | None, float | None]:
-    """The tier that applies now among ``tiers``, and the end of an active cooldown block."""
+    """The tier that applies now among ``tiers``, and the end of an active cooldown block.
+
+    A suspending tier is only ever applied through the recorded suspension, so here it (like a
+    cooldown whose block is over) gives way to the highest tier below it.
+    """
     tier = tier_for_score(tiers, score)
-    while tier is not None and tier.block_seconds is not None:
-        until = _block_until(flags, window, tier)
-        if until is not None and now < until:
-            return tier, until
+    while tier is not None and (tier.block_seconds is not None or tier.suspend):
+        if tier.block_seconds is not None:
+            until = _block_until(flags, window, tier)
+            if until is not None and now < until:
+                return tier, until
         tier = tier_for_score(tuple(t for t in tiers if t.min_score < tier.min_score), score)
     return tier, None
+
+
+def reaches_suspension(standing: Standing, cfg: MisuseConfig, now: float) -> bool:
+    """Whether the windowed score reaches an enforced suspending tier (to record a suspension)."""
+    score = score_at(standing.flags, cfg.window_seconds, now)
+    tier = tier_for_score(tuple(t for t in cfg.tiers if not t.shadow), score)
+    return tier is not None and tier.suspend
 
 
 def evaluate_standing(standing: Standing | None, cfg: MisuseConfig, now: float) -> StandingView:
@@ -88,10 +102,13 @@ def evaluate_standing(standing: Standing | None, cfg: MisuseConfig, now: float) 
     score = score_at(standing.flags, window, now)
     enforced_tiers = tuple(t for t in cfg.tiers if not t.shadow)
     tier, until = _effective(enforced_tiers, standing.flags, window, score, now)
-    suspended = standing.suspended or (tier is not None and tier.suspend)
+    suspended = standing.suspended
     shadow: Tier | None = None
     if len(enforced_tiers) != len(cfg.tiers):
         would, _ = _effective(cfg.tiers, standing.flags, window, score, now)
+        raw = tier_for_score(cfg.tiers, score)
+        if raw is not None and raw.shadow and raw.suspend:
+            would = raw
         if would is not None and would.shadow:
             shadow = would
     return StandingView(score, tier, until, suspended, shadow)

@@ -6,9 +6,11 @@ Keys (all under the ``ap:`` prefix):
 - ``ap:org:{org}`` hash: name, suspended, reason, created_at
 - ``ap:grant:{grant_id}`` string: the grant as JSON (kept for every grant ever made)
 - ``ap:sgrants:{subject}`` hash: ``{program}|{product}`` -> JSON of the subject's current grant
-- ``ap:standing:{ws}`` hash: suspended, suspended_at; ``ap:flags:{ws}`` sorted set of flags (score=time)
+- ``ap:standing:{ws}`` hash: suspended, suspended_at
+- ``ap:flags:{ws}`` sorted set of flags (score: time)
+- ``ap:orgws:{org}`` set of the org's workspaces
 - ``ap:audit`` list of JSON entries; ``ap:audit:head`` hash: seq, hash
-- ``ap:usage:{ws}`` hash of counters
+- ``ap:rl:*``, ``ap:cc:*``, ``ap:replicas``: rate limits (``ratelimit.py``)
 Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{id}``,
 ``grants:{subject}``, ``standing:{ws}``, and ``*`` for everything.
 """
@@ -16,15 +18,15 @@ Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.policy.facts import GrantMap, Org, Workspace
-
-RawHash = Mapping[Any, Any]  # a hash as redis-py returns it (bytes keys and values)
 from proxy.policy.grants import Approval, Grant
 from proxy.policy.standing import Flag, Standing
+
+RawHash = Mapping[Any, Any]  # a hash as redis-py returns it (bytes keys and values)
 
 PREFIX = "ap:"
 INVALIDATION_CHANNEL = "ap:invalidate"
@@ -59,10 +61,6 @@ def standing_key(ws: str) -> str:
 
 def flags_key(ws: str) -> str:
     return f"ap:flags:{ws}"
-
-
-def usage_key(ws: str) -> str:
-    return f"ap:usage:{ws}"
 
 
 def org_workspaces_key(org: str) -> str:

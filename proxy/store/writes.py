@@ -25,7 +25,13 @@ from proxy import identity, metrics
 from proxy.config import MisuseConfig
 from proxy.policy.facts import Org, Workspace
 from proxy.policy.grants import Approval, Grant
-from proxy.policy.standing import Flag, Standing, StandingView, evaluate_standing
+from proxy.policy.standing import (
+    Flag,
+    Standing,
+    StandingView,
+    evaluate_standing,
+    reaches_suspension,
+)
 from proxy.store import schema
 from proxy.store.audit import GENESIS, make_entry
 from proxy.store.invalidation import publish
@@ -484,8 +490,12 @@ class Writes:
                 before_s.suspended,
                 before_s.suspended_at,
             )
+            newly_suspended = not before_s.suspended and reaches_suspension(
+                after_s, misuse, flag.at
+            )
+            if newly_suspended:
+                after_s = replace(after_s, suspended=True, suspended_at=flag.at)
             after = evaluate_standing(after_s, misuse, flag.at)
-            newly_suspended = after.suspended and not before_s.suspended
 
             def apply(p: Pipeline) -> None:
                 p.zadd(fkey, {schema.flag_to_json(flag, flag_id): flag.at})

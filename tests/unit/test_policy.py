@@ -161,7 +161,10 @@ STANDINGS: dict[str, Standing] = {
     "restricted": Standing((Flag(NOW - 60, "cyber", 3, "analyst"),)),
     "cooldown": Standing((Flag(NOW - 60, "cyber", 5, "analyst"),)),
     "cooldown_served": Standing((Flag(NOW - 1000, "cyber", 5, "analyst"),)),
-    "suspended_by_score": Standing((Flag(NOW - 60, "cyber", 8, "analyst"),)),
+    # A flag that reaches the suspending tier records the suspension with it (Writes.add_flag).
+    "suspended_by_score": Standing(
+        (Flag(NOW - 60, "cyber", 8, "analyst"),), suspended=True, suspended_at=NOW - 60
+    ),
     "suspended_recorded": Standing((), suspended=True, suspended_at=NOW - 10 * HOUR),
 }
 RESTRICTING = {"restricted", "cooldown_served"}  # handled as restricted: × 0.2 and cyber blocked

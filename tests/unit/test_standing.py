@@ -25,7 +25,7 @@ from proxy.policy import (
     decide,
     evaluate_standing,
 )
-from proxy.policy.standing import score_at, tier_for_score
+from proxy.policy.standing import reaches_suspension, score_at, tier_for_score
 
 WINDOW = 1000.0
 BLOCK = 100.0
@@ -80,6 +80,11 @@ def flag(at: float, severity: int, category: str = "cyber") -> Flag:
 
 def standing(*flags: Flag, suspended: bool = False) -> Standing:
     return Standing(tuple(sorted(flags, key=lambda f: f.at)), suspended=suspended)
+
+
+def recorded_as_add_flag_would(s: Standing, now: float = T) -> Standing:
+    """The standing with the suspension ``Writes.add_flag`` records when a flag reaches it."""
+    return Standing(s.flags, suspended=s.suspended or reaches_suspension(s, MISUSE, now))
 
 
 def view(s: Standing, now: float, cfg: Config = CFG) -> StandingView:
@@ -161,7 +166,7 @@ def test_tier_ladder(score: int, tier: str) -> None:
     assert (chosen.name if chosen is not None else "normal") == tier
     # The same score built from several flags lands in the same tier.
     flags = [flag(T - i, 1) for i in range(score)]
-    v = view(standing(*flags), T)
+    v = view(recorded_as_add_flag_would(standing(*flags)), T)
     assert (v.score, v.tier_name) == (score, tier)
 
 
@@ -171,7 +176,7 @@ def test_score_and_tier_follow_the_flags(raw: list[tuple[float, int]]) -> None:
     now = T + 3 * WINDOW
     flags = [flag(T + offset, severity) for offset, severity in raw]
     expected = sum(f.severity for f in flags if now - WINDOW < f.at <= now)
-    v = view(standing(*flags), now)
+    v = view(recorded_as_add_flag_would(standing(*flags), now), now)
     assert v.score == expected
     if expected >= 8:
         assert v.suspended and v.tier_name == "suspended"
@@ -250,10 +255,21 @@ def test_a_block_whose_flags_aged_out_stays_over() -> None:
 
 def test_a_suspending_score_suspends() -> None:
     s = standing(flag(T, 8))
+    assert reaches_suspension(s, MISUSE, T)
+    s = recorded_as_add_flag_would(s)
     v = view(s, T)
     assert v.suspended and v.tier_name == "suspended"
     decision = ask(s, T)
     assert (decision.code, decision.rule) == ("workspace_suspended", "misuse.suspended")
+
+
+def test_a_reinstated_workspace_is_handled_as_the_tier_below_suspension() -> None:
+    # An operator's reinstate clears the recorded suspension even while the score is high.
+    high = standing(flag(T, 5), flag(T + 1, 3))  # score 8, suspension not recorded
+    later = T + 1 + 2 * BLOCK  # the cooldown block is over, the flags still count
+    v = view(high, later)
+    assert (v.score, v.suspended, v.tier_name) == (8, False, "restricted")
+    assert ask(high, later).code is None
 
 
 def test_a_recorded_suspension_does_not_lift_when_flags_age_out() -> None:
@@ -262,8 +278,9 @@ def test_a_recorded_suspension_does_not_lift_when_flags_age_out() -> None:
     v = view(recorded, later)
     assert (v.score, v.suspended, v.tier_name) == (0, True, "suspended")
     assert ask(recorded, later).code == "workspace_suspended"
-    # Without the recorded fact the score alone would have let go.
+    # The score alone never suspends: only the recorded fact does.
     assert not view(standing(flag(T, 8)), later).suspended
+    assert not view(standing(flag(T, 8)), T).suspended
 
 
 def test_clearing_the_flags_does_not_lift_a_recorded_suspension() -> None:
