@@ -334,8 +334,9 @@ async def seed(writes: Writes, peppers: identity.Peppers) -> Seeded:
     await writes.create_workspace(ACTOR, WS_ID, ORG_ID, "Benchmark workspace")
     key_id, key = await writes.issue_key(ACTOR, WS_ID, "bench", peppers)
     grant = await writes.create_grant(ACTOR, PROGRAM, PRODUCT, f"workspace:{WS_ID}", None, None)
-    await writes.approve_grant(ACTOR, grant.grant_id, "provider", "provider-reviewer")
-    await writes.approve_grant(ACTOR, grant.grant_id, "government", "government-reviewer")
+    for role in ("provider", "government"):
+        reviewer = Actor(f"{role}-review", ACTOR.config_version)
+        await writes.approve_grant(reviewer, grant.grant_id, role, f"{role}-reviewer")
     await writes.enable_grant(ACTOR, grant.grant_id, time.time() - 1)
     return Seeded(key_id, key)
 

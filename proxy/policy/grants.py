@@ -26,6 +26,7 @@ class Approval:
     role: str
     reviewer: str
     at: float
+    token: str = ""  # the admin token that signed, so one token cannot sign two roles
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,7 +147,10 @@ def grant_to_dict(g: Grant) -> dict[str, Any]:
         "subject": g.subject,
         "models": list(g.models) if g.models is not None else None,
         "created_at": g.created_at,
-        "approvals": [{"role": a.role, "reviewer": a.reviewer, "at": a.at} for a in g.approvals],
+        "approvals": [
+            {"role": a.role, "reviewer": a.reviewer, "at": a.at, "token": a.token}
+            for a in g.approvals
+        ],
         "enable_at": g.enable_at,
         "expires_at": g.expires_at,
         "suspended": g.suspended,
@@ -170,7 +173,8 @@ def grant_from_json(raw: bytes | str) -> Grant:
         models=tuple(models) if models is not None else None,
         created_at=float(d["created_at"]),
         approvals=tuple(
-            Approval(a["role"], a["reviewer"], float(a["at"])) for a in d.get("approvals", ())
+            Approval(a["role"], a["reviewer"], float(a["at"]), a.get("token", ""))
+            for a in d.get("approvals", ())
         ),
         enable_at=d.get("enable_at"),
         expires_at=d.get("expires_at"),

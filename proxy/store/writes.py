@@ -442,13 +442,14 @@ class Writes:
             for a in g.approvals:
                 if a.role == role:
                     raise Conflict(f"role {role} already approved this grant", g.grant_id)
-                if a.reviewer == reviewer:
+                if a.reviewer == reviewer or (a.token and a.token == actor.name):
                     raise Conflict(
-                        f"reviewer {reviewer} already approved this grant as {a.role}; "
-                        "each role needs a different reviewer",
+                        f"{a.reviewer} (token {a.token or '?'}) already approved this grant "
+                        f"as {a.role}; each role needs a different reviewer",
                         g.grant_id,
                     )
-            return replace(g, approvals=(*g.approvals, Approval(role, reviewer, time.time())))
+            approval = Approval(role, reviewer, time.time(), actor.name)
+            return replace(g, approvals=(*g.approvals, approval))
 
         return await self.update_grant(actor, "grant.approve", grant_id, change)
 

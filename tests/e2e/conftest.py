@@ -403,7 +403,8 @@ class Seeder:
         )
         roles = REQUIRED_APPROVALS[program] if approvals is None else approvals
         for role in roles:
-            await self.writes.approve_grant(ACTOR, grant.grant_id, role, f"reviewer-{role}")
+            reviewer = Actor(f"e2e-{role}-review", ACTOR.config_version)
+            await self.writes.approve_grant(reviewer, grant.grant_id, role, f"reviewer-{role}")
         if enable_in is not None:
             await self.writes.enable_grant(ACTOR, grant.grant_id, now + enable_in)
         return grant.grant_id

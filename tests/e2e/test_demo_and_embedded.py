@@ -21,6 +21,7 @@ from tests.conftest import free_port
 from tests.e2e.conftest import REPO, Stack, chat_body, proxy_config
 
 OPS_TOKEN = "embedded-ops-token-0123456789"
+GOV_TOKEN = "embedded-gov-token-0123456789"
 
 
 def _read_until(proc: subprocess.Popen[str], marker: str, deadline_s: float) -> str:
@@ -85,10 +86,15 @@ def test_demo_seeds_through_the_admin_api_and_shows_every_case(tmp_path: Path) -
 
 
 async def _admin(
-    session: aiohttp.ClientSession, url: str, method: str, path: str, body: Any
+    session: aiohttp.ClientSession,
+    url: str,
+    method: str,
+    path: str,
+    body: Any,
+    token: str = OPS_TOKEN,
 ) -> Any:
     async with session.request(
-        method, url + path, json=body, headers={"authorization": f"Bearer {OPS_TOKEN}"}
+        method, url + path, json=body, headers={"authorization": f"Bearer {token}"}
     ) as resp:
         doc = await resp.json()
         assert resp.status < 300, (path, resp.status, doc)
@@ -135,10 +141,14 @@ async def test_embedded_redis_keeps_grants_across_a_restart(tmp_path: Path, stac
     doc["redis"] = {"url": "embedded", "timeout_ms": 1000}
     doc["admin"]["tokens"] = [
         {
-            "name": "ops",
-            "sha256": hashlib.sha256(OPS_TOKEN.encode()).hexdigest(),
-            "roles": ["operator", "approver:provider", "approver:government"],
+            "name": name,
+            "sha256": hashlib.sha256(token.encode()).hexdigest(),
+            "roles": ["operator", f"approver:{role}"],
         }
+        for name, token, role in (
+            ("ops", OPS_TOKEN, "provider"),
+            ("gov", GOV_TOKEN, "government"),
+        )
     ]
     config_path = tmp_path / "proxy.yaml"
     config_path.write_text(yaml.safe_dump(doc))
@@ -171,13 +181,17 @@ async def test_embedded_redis_keeps_grants_across_a_restart(tmp_path: Path, stac
                 {"program": "gpt-5.6-preview", "product": "api", "subject": "org:keep"},
             )
             gid = grant["grant_id"]
-            for role, reviewer in (("provider", "alice"), ("government", "grace")):
+            for role, reviewer, token in (
+                ("provider", "alice", OPS_TOKEN),
+                ("government", "grace", GOV_TOKEN),
+            ):
                 await _admin(
                     session,
                     admin_url,
                     "POST",
                     f"/admin/v1/grants/{gid}/approve",
                     {"role": role, "reviewer": reviewer},
+                    token,
                 )
             await _admin(session, admin_url, "POST", f"/admin/v1/grants/{gid}/enable", {})
             headers = {"authorization": f"Bearer {key}"}
