@@ -330,7 +330,7 @@ async def test_the_breaker_stops_calling_a_redis_that_does_not_answer(
     private_redis: RedisServer,
 ) -> None:
     await seed(private_redis.url)
-    replica = Replica(private_redis.url, timeout_s=0.2, failures=3, reset_s=1.0)
+    replica = Replica(private_redis.url, timeout_s=0.2, failures=3, reset_s=2.0)
     ent, gate, breaker = replica.entitlements, replica.gate, replica.breaker
     calls = 0
 
@@ -339,47 +339,47 @@ async def test_the_breaker_stops_calling_a_redis_that_does_not_answer(
         calls += 1
         return bool(await replica.client.ping())
 
-    assert await gate.call("probe", ping)
-    pid = private_redis.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)  # Redis still accepts connections but answers nothing
-    try:
-        errors = redis_errors("key")
-        for i in range(3):
-            with pytest.raises(EntitlementUnavailable, match="TimeoutError"):
-                await ent.key(f"k{i}", LONG)
-        assert redis_errors("key") - errors == 3
-
-        # Open: the call is refused in the same step, before any Redis call is attempted.
-        assert breaker.is_open
-        calls_before, probe_errors = calls, redis_errors("probe")
-        for _ in range(5):
-            with pytest.raises(RedisUnavailable, match="circuit open"):
-                run_without_suspending(gate.call("probe", ping))
-        assert calls == calls_before
-        assert redis_errors("probe") - probe_errors == 5
-        with pytest.raises(EntitlementUnavailable, match="circuit open"):
-            await ent.key("k-while-open", LONG)
-        assert redis_errors("key") - errors == 4
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-    async def closes() -> bool:
+    async def answers() -> bool:
         try:
-            await gate.call("probe", ping)
+            return await gate.call("probe", ping)
         except RedisUnavailable:
             return False
-        return True
 
-    await wait_until(
-        closes, timeout=10, interval=0.05, message="breaker closes after Redis returns"
-    )
-    assert not breaker.is_open
-    assert await ent.key("k-after", LONG) is None
+    try:
+        await wait_until(answers, timeout=10, message="Redis answers through the gate")
+        pid = private_redis.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # Redis still accepts connections but answers nothing
+        try:
+            errors = redis_errors("key")
+            for i in range(3):
+                with pytest.raises(EntitlementUnavailable, match="TimeoutError"):
+                    await ent.key(f"k{i}", LONG)
+            assert redis_errors("key") - errors == 3
+
+            # Open: the call is refused in the same step, before any Redis call is attempted.
+            assert breaker.is_open
+            calls_before, probe_errors = calls, redis_errors("probe")
+            for _ in range(5):
+                with pytest.raises(RedisUnavailable, match="circuit open"):
+                    run_without_suspending(gate.call("probe", ping))
+            assert calls == calls_before
+            assert redis_errors("probe") - probe_errors == 5
+            with pytest.raises(EntitlementUnavailable, match="circuit open"):
+                await ent.key("k-while-open", LONG)
+            assert redis_errors("key") - errors == 4
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        await wait_until(answers, timeout=10, interval=0.05, message="breaker closes again")
+        assert not breaker.is_open
+        assert await ent.key("k-after", LONG) is None
+    finally:
+        await replica.close()
 
 
 async def test_a_cancelled_trial_call_does_not_keep_the_breaker_open(redis_url: str) -> None:
-    breaker = Breaker(1, 0.05)
+    breaker = Breaker(1, 0.2)
     gate = Gate(5.0, breaker)
     refused = make_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=1.0)
     blocking = make_client(redis_url, timeout_s=None)

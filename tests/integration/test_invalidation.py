@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proxy import identity
+from proxy import config, identity
 from proxy.config import CacheConfig
 from proxy.policy import Flag
 from proxy.redis_server import RedisServer
@@ -21,8 +22,8 @@ from proxy.store.invalidation import Subscriber
 from proxy.store.schema import INVALIDATION_CHANNEL
 from proxy.store.writes import Actor, Writes
 from tests.conftest import wait_until
-from tests.unit.test_standing import MISUSE
 
+MISUSE = config.load(Path(__file__).resolve().parents[2] / "config" / "proxy.yaml").misuse
 ACTOR = Actor("test-operator", "test")
 PEPPERS = identity.parse_peppers("v1:invalidation-test-pepper-0123456789")
 LONG = CacheConfig(
@@ -98,11 +99,12 @@ async def test_a_change_on_one_replica_evicts_the_entry_on_the_other(
     replicas: Callable[[], Awaitable[Replica]],
 ) -> None:
     a, b = await replicas(), await replicas()
+    # Seeded before subscribing, so no late message about the seed can evict the warm entries.
+    grant_id, key_id = await seed(a.writes)
     a.subscriber.start()
     b.subscriber.start()
     await subscribed(a, 2)
     await subscribed(b, 2)
-    grant_id, key_id = await seed(a.writes)
     ent = b.entitlements
 
     async def facts() -> Any:
