@@ -43,6 +43,8 @@ from proxy.config import Timeouts, Upstream
 from proxy.dataplane.headers import copy_response_headers
 
 SSE_CAPTURE_BYTES = 64 * 1024
+# A non-streamed body up to this size, with a known length, is relayed in one write.
+WHOLE_BODY_BYTES = 64 * 1024
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 
 # Headers the client library would otherwise invent; the client's own pass through unchanged.
@@ -190,6 +192,22 @@ async def forward(
         declared = upstream_resp.content_length
         if not is_stream and declared is not None and declared > capture_limit:
             capturing = False
+        if not is_stream and declared is not None and declared <= WHOLE_BODY_BYTES:
+            # A small body of known length is usually in hand already: answer it in one write.
+            try:
+                whole = await content.read()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise UpstreamError("upstream_timeout", "upstream stalled mid-body") from exc
+            if len(whole) == declared:
+                response = web.Response(
+                    status=status, reason=upstream_resp.reason, body=whole, headers=response.headers
+                )
+                completed = True
+                captured = whole if declared <= capture_limit else b""
+                return ForwardResult(
+                    response, status, content_type, False, captured, declared, ttfb, True
+                )
+            raise UpstreamError("upstream_unavailable", "upstream closed mid-body")
         parts: list[bytes] = []
         tail = bytearray()
         trimmed = False
