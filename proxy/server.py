@@ -281,15 +281,24 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     env[ENV_MULTIPROC] = multiproc
     env[ENV_WORKER] = "1"
     cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", config_path, "--workers", "1"]
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+    procs: list[subprocess.Popen[bytes]] = []
+    stop_signals: list[int] = []
 
     def forward(sig: int, _frame: Any) -> None:
+        if sig != signal.SIGHUP:
+            stop_signals.append(sig)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(sig)
 
+    # Handlers first: a signal that arrives while the workers start must not kill the
+    # supervisor (the default action) and leave them running; a stop reaches the late ones too.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    for _ in range(workers):
+        procs.append(subprocess.Popen(cmd, env=env))
+    if stop_signals:
+        forward(stop_signals[0], None)
     code = 0
     try:
         while True:
