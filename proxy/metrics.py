@@ -3,6 +3,8 @@ codes, tiers and categories come from config or fixed tables, never from clients
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -90,3 +92,16 @@ COST = Counter(
     "Metered cost in USD, by program and product.",
     ["program", "product"],
 )
+
+
+def track_inflight(read: Callable[[], float], multiprocess: bool) -> Callable[[], None] | None:
+    """Make the inflight gauge read the data plane's own counter.
+
+    In one process the gauge calls ``read`` at scrape time: no lock per request. With worker
+    processes (multiprocess mode has no callback gauges) it returns a function to call
+    periodically that copies the value into the shared file.
+    """
+    if not multiprocess:
+        INFLIGHT.set_function(read)
+        return None
+    return lambda: INFLIGHT.set(read())

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,11 @@ class Proxy:
         self.dataplane = DataPlane(
             self.holder, self.entitlements, self.peppers, self.session, hooks
         )
+        dataplane = self.dataplane
+        copy = metrics.track_inflight(
+            lambda: dataplane.inflight, bool(os.environ.get(ENV_MULTIPROC))
+        )
+        self.inflight_task = asyncio.create_task(_every(1.0, copy)) if copy else None
 
         # No access log on the data listener: no per-request logging on the hot path.
         server = DataServer(self.dataplane.handle, handler_cancellation=True, access_log=None)
@@ -195,6 +201,8 @@ class Proxy:
         """Turn /readyz to 503, stop accepting, drain in-flight requests (up to the grace)."""
         self.draining = True
         await self.data_runner.cleanup()
+        if self.inflight_task is not None:
+            self.inflight_task.cancel()
         await self.admin_runner.cleanup()
         if self.reloader is not None:
             await self.reloader.stop()
@@ -205,6 +213,12 @@ class Proxy:
         for client in (self.fast_redis, self.admin_redis, self.sub_redis):
             with contextlib.suppress(Exception):
                 await client.aclose()
+
+
+async def _every(period: float, fn: Callable[[], None]) -> None:
+    while True:
+        fn()
+        await asyncio.sleep(period)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -242,6 +256,13 @@ async def build_proxy(
 
 
 async def serve(cfg: Config, *, worker: bool = False) -> int:
+    # Signals first: a stop during startup drains right after it; a SIGHUP before the reloader
+    # exists is moot, since the reloader reads the file when it starts.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     proxy = await build_proxy(cfg, reuse_port=worker, config_path=cfg.source)
     await proxy.start()
     log.info(
@@ -252,10 +273,6 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
         proxy.admin_port,
         cfg.version,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if proxy.reloader is not None:
         proxy.reloader.install_sighup(loop)
     await stop.wait()
@@ -307,7 +324,8 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
                 break
             with contextlib.suppress(subprocess.TimeoutExpired):
                 alive[0].wait(timeout=0.5)
-        code = max((p.returncode or 0) for p in procs)
+        # A worker killed by a signal has a negative code: that is a failure too.
+        code = next((1 for p in procs if p.returncode), 0)
     finally:
         for p in procs:
             if p.poll() is None:

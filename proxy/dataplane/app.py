@@ -8,6 +8,7 @@ request reads the config snapshot once and uses it to the end. Every answer carr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
@@ -67,8 +68,13 @@ class Hooks:
     on_upstream_headers: Callable[[Snapshot, Facts, CIMultiDictProxy[str]], None] | None = None
 
 
+_RID_PREFIX = secrets.token_hex(4)
+_rid_seq = itertools.count(1)
+
+
 def _request_id() -> str:
-    return secrets.token_hex(8)
+    """Unique per process start (random prefix) and per request (sequence): no syscall."""
+    return f"{_RID_PREFIX}{next(_rid_seq):08x}"
 
 
 def presented_key(request: web.BaseRequest) -> str | None:
@@ -137,6 +143,7 @@ class DataPlane:
         self._durations: dict[str, Any] = {}
         self._ttfb: dict[str, Any] = {}
         self._verified: dict[str, int] = {}
+        self.inflight = 0  # read by the inflight gauge (see metrics.track_inflight)
 
     # ------------------------------------------------------------------ accounting
 
@@ -168,11 +175,11 @@ class DataPlane:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        metrics.INFLIGHT.inc()
+        self.inflight += 1
         try:
             return await self._handle(request, started)
         finally:
-            metrics.INFLIGHT.dec()
+            self.inflight -= 1
 
     async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
         snap = self.holder.current
