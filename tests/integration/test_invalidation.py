@@ -175,9 +175,10 @@ async def test_a_replica_that_loses_its_subscription_drops_its_whole_cache(
 
 
 async def test_a_killed_subscription_connection_also_drops_the_cache(
-    replicas: Callable[[], Awaitable[Replica]],
+    replicas: Callable[[str], Awaitable[Replica]], private_redis: RedisServer
 ) -> None:
-    a, b = await replicas(), await replicas()
+    # A Redis of its own: the count of pub/sub clients must not see other tests' processes.
+    a, b = await replicas(private_redis.url), await replicas(private_redis.url)
     await seed(a.writes)
     b.subscriber.start()
     await subscribed(b, 1)
