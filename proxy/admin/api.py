@@ -1,5 +1,5 @@
 """The admin HTTP API (SPEC §7): orgs, workspaces, keys, grants, misuse standing, explain, the
-audit log and config reload.
+audit log, config reload and usage totals (SPEC §10).
 
 Every request presents ``Authorization: Bearer <admin token>``; the token's SHA-256 names it in
 the live config, with its roles: ``operator`` changes things, ``approver:<role>`` approves grants
@@ -32,6 +32,7 @@ from proxy.policy.standing import Flag, Standing, StandingView, evaluate_standin
 from proxy.snapshot import Holder
 from proxy.store.audit import read_entries
 from proxy.store.schema import AUDIT_HEAD
+from proxy.store.usage import UsageStore
 from proxy.store.writes import (
     Actor,
     Conflict,
@@ -496,6 +497,17 @@ class AdminAPI:
         _count_transition(before, after)
         return await self._standing_answer(ws_id, cfg)
 
+    # usage -----------------------------------------------------------------------
+
+    async def get_usage(self, request: web.Request) -> web.Response:
+        self._need(request, "read")
+        _query(request, ())
+        ws_id = request.match_info["ws"]
+        if await self.writes.workspace(ws_id) is None:
+            raise NotFound(f"workspace {ws_id} not found")
+        totals = await UsageStore(self.redis).read(ws_id)
+        return web.json_response({"workspace": ws_id, **totals})
+
     # config ----------------------------------------------------------------------
 
     async def reload_config(self, request: web.Request) -> web.Response:
@@ -573,6 +585,7 @@ def admin_app(ctx: AdminContext) -> web.Application:
     app.router.add_post(f"{p}/workspaces/{{ws}}/flags", api.add_flag)
     app.router.add_get(f"{p}/workspaces/{{ws}}/standing", api.get_standing)
     app.router.add_post(f"{p}/workspaces/{{ws}}/standing/clear", api.clear_standing)
+    app.router.add_get(f"{p}/workspaces/{{ws}}/usage", api.get_usage)
     app.router.add_delete(f"{p}/keys/{{key_id}}", api.revoke_key)
     app.router.add_post(f"{p}/grants", api.create_grant)
     app.router.add_get(f"{p}/grants", api.list_grants)

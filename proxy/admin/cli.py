@@ -257,6 +257,29 @@ def standing_clear(c: AdminClient, a: argparse.Namespace) -> Output:
     return Output(data, "flags cleared\n" + standing_text(data))
 
 
+def usage_text(data: dict[str, Any]) -> str:
+    rows = [{"model": "(all)", **data}]
+    rows += [{"model": model, **totals} for model, totals in (data.get("models") or {}).items()]
+    for row in rows:
+        row.update(row.get("tokens") or {})
+        row["cost_usd"] = f"{float(row.get('cost_usd') or 0):.6f}"
+    columns = (
+        ("model", "model"),
+        ("requests", "requests"),
+        ("input", "input"),
+        ("cached_input", "cached_input"),
+        ("cache_write", "cache_write"),
+        ("output", "output"),
+        ("cost_usd", "cost_usd"),
+    )
+    return f"workspace  {data.get('workspace')}\n" + table(rows, columns)
+
+
+def usage_show(c: AdminClient, a: argparse.Namespace) -> Output:
+    data = c.call("GET", f"/workspaces/{seg(a.workspace)}/usage")
+    return Output(data, usage_text(data))
+
+
 def config_reload(c: AdminClient, a: argparse.Namespace) -> Output:
     data = c.call("POST", "/config/reload")
     lines = [f"result   {data.get('result')}", f"version  {data.get('version')}"]
@@ -430,6 +453,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("workspace")
     p.add_argument("--reason", required=True)
+
+    usage = groups.add_parser("usage", help="usage and cost").add_subparsers(
+        dest="admin_cmd", metavar="COMMAND", required=True
+    )
+    p = leaf(usage, "show", usage_show, "a workspace's tokens, requests and cost, per model")
+    p.add_argument("workspace")
 
     cfg = groups.add_parser("config", help="the proxy's config").add_subparsers(
         dest="admin_cmd", metavar="COMMAND", required=True
