@@ -33,6 +33,7 @@ from proxy.dataplane.admission import Admitter
 from proxy.dataplane.app import DataPlane, DataServer, Hooks
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
+from proxy.metering import Meter
 from proxy.redis_server import RedisServer
 from proxy.reload import Reloader
 from proxy.snapshot import Holder
@@ -41,6 +42,7 @@ from proxy.store.connection import Breaker, Gate, make_client
 from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
 from proxy.store.ratelimit import RateLimiter
+from proxy.store.usage import UsageStore
 from proxy.store.writes import Writes
 
 log = logging.getLogger("access_proxy")
@@ -113,8 +115,10 @@ class Proxy:
         self.session = make_session()
         admitter = Admitter(self.session, self.limiter)
         hooks = Hooks(admit=admitter.admit, on_upstream_headers=self.flags.on_upstream_headers)
+        self.meter = Meter(UsageStore(self.admin_redis))
+        self.meter.start()
         self.dataplane = DataPlane(
-            self.holder, self.entitlements, self.peppers, self.session, hooks
+            self.holder, self.entitlements, self.peppers, self.session, hooks, self.meter
         )
         dataplane = self.dataplane
         copy = metrics.track_inflight(
@@ -207,6 +211,7 @@ class Proxy:
         if self.reloader is not None:
             await self.reloader.stop()
         await self.flags.stop()
+        await self.meter.stop()
         await self.limiter.stop()
         await self.subscriber.stop()
         await self.session.close()

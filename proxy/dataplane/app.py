@@ -26,6 +26,7 @@ from proxy import identity, metrics
 from proxy.dataplane import headers as hdrs
 from proxy.dataplane.forward import UpstreamError, client_timeout, forward
 from proxy.errors import CODES, DEFAULT_BODIES, error_json
+from proxy.metering import Meter
 from proxy.policy import Decision, RequestInfo, decide
 from proxy.policy.facts import Facts
 from proxy.snapshot import Holder, Snapshot
@@ -133,12 +134,14 @@ class DataPlane:
         peppers: identity.Peppers,
         session: aiohttp.ClientSession,
         hooks: Hooks | None = None,
+        meter: Meter | None = None,
     ) -> None:
         self.holder = holder
         self.entitlements = entitlements
         self.peppers = peppers
         self.session = session
         self.hooks = hooks or Hooks()
+        self.meter = meter
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[str, Any] = {}
         self._ttfb: dict[str, Any] = {}
@@ -266,7 +269,7 @@ class DataPlane:
                 rid,
                 response_headers,
                 facts,
-                decision,
+                model,
                 product,
                 program,
                 started,
@@ -306,7 +309,7 @@ class DataPlane:
         rid: str,
         response_headers: dict[str, str],
         facts: Facts,
-        decision: Decision,
+        model: str | None,
         product: str,
         program: str,
         started: float,
@@ -354,6 +357,12 @@ class DataPlane:
         if ttfb is None:
             ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
         ttfb.observe(result.ttfb_seconds)
+        if self.meter is not None and result.completed:
+            # No I/O here: the write to Redis is queued; the client's bytes are already out
+            # (a small body goes out when this returns, after one JSON parse).
+            self.meter.record(
+                facts.workspace.workspace_id, program, product, model, result, cfg.pricing
+            )
         self._count(product, program, "ok", started)
         return result.response
 

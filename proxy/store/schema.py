@@ -11,6 +11,7 @@ Keys (all under the ``ap:`` prefix):
 - ``ap:orgws:{org}`` set of the org's workspaces
 - ``ap:audit`` list of JSON entries; ``ap:audit:head`` hash: seq, hash
 - ``ap:rl:*``, ``ap:cc:*``, ``ap:replicas``: rate limits (``ratelimit.py``)
+- ``ap:usage:{ws}`` hash of usage and cost counters (``usage.py``)
 Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{id}``,
 ``grants:{subject}``, ``standing:{ws}``, and ``*`` for everything.
 """
