@@ -225,8 +225,11 @@ class Meter:
         *,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 2.0,
+        flush_interval_s: float = 0.1,
     ) -> None:
         self.store = store
+        self.flush_interval_s = flush_interval_s
+        self._stopped = asyncio.Event()
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self._pending: dict[tuple[str, str | None], UsageDelta] = {}
@@ -299,6 +302,7 @@ class Meter:
         if task is None:
             return
         self._stopping = True
+        self._stopped.set()
         self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -342,6 +346,11 @@ class Meter:
                     log.info("usage writes to Redis resumed")
                 failing = False
                 delay = self.retry_initial_s
+                self._writing = {}
+                if not self._stopping:
+                    # Let answers gather: one write per interval, whatever the request rate.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopped.wait(), self.flush_interval_s)
                 continue
             finally:
                 self._writing = {}
