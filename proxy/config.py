@@ -665,7 +665,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
             models=models,
             required_approvals=approvals,
             phases=MappingProxyType(phases),
-            blocked_categories=_str_list(c, m, "blocked_categories", p),
+            blocked_categories=tuple(x.lower() for x in _str_list(c, m, "blocked_categories", p)),
         )
 
     unlisted = c.get(
@@ -756,7 +756,7 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
             name=name,
             min_score=c.get(m, "min_score", p, int, check=_positive),
             rate_limit_factor=c.get(m, "rate_limit_factor", p, float, 1.0, _positive),
-            blocked_categories=_str_list(c, m, "blocked_categories", p),
+            blocked_categories=tuple(x.lower() for x in _str_list(c, m, "blocked_categories", p)),
             block_seconds=c.get(m, "block_seconds", p, float, None, _positive),
             suspend=c.get(m, "suspend", p, bool, name == "suspended"),
             shadow=c.get(m, "shadow", p, bool, False),

@@ -5,12 +5,10 @@ the category classifier, then the rate limit and concurrency cap. Plugged into t
 from __future__ import annotations
 
 import aiohttp
-from aiohttp import web
 
 from proxy import metrics
-from proxy.dataplane.app import ADMITTED, Admission
+from proxy.dataplane.app import ADMITTED, Admission, deny_response
 from proxy.dataplane.classifier import classify
-from proxy.errors import CODES, DEFAULT_BODIES
 from proxy.policy import Decision
 from proxy.policy.facts import Facts
 from proxy.snapshot import Snapshot
@@ -18,13 +16,7 @@ from proxy.store.ratelimit import RateLimiter
 
 
 def _refuse(code: str, rid: str, headers: dict[str, str] | None = None) -> Admission:
-    h = {"x-request-id": rid, "content-type": "application/json"}
-    if headers:
-        h.update(headers)
-    return Admission(
-        refused_code=code,
-        refused=web.Response(status=CODES[code].status, body=DEFAULT_BODIES[code], headers=h),
-    )
+    return Admission(refused_code=code, refused=deny_response(code, rid, headers=headers))
 
 
 class Admitter:
@@ -46,7 +38,7 @@ class Admitter:
                     self._classifier_closed.inc()
                     return _refuse("category_blocked", rid)
                 self._classifier_open.inc()
-            elif categories & {c.lower() for c in decision.blocked_categories}:
+            elif categories & decision.blocked_categories:
                 return _refuse("category_blocked", rid)
 
         # Row 12.

@@ -69,6 +69,20 @@ class Hooks:
     on_upstream_headers: Callable[[Snapshot, Facts, CIMultiDictProxy[str]], None] | None = None
 
 
+def deny_response(
+    code: str,
+    rid: str,
+    message: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """A refusal in the OpenAI error shape, from the error table."""
+    body = DEFAULT_BODIES[code] if message is None else error_json(code, message)
+    h = {"x-request-id": rid, "content-type": _JSON}
+    if headers:
+        h.update(headers)
+    return web.Response(status=CODES[code].status, body=body, headers=h)
+
+
 _RID_PREFIX = secrets.token_hex(4)
 _rid_seq = itertools.count(1)
 
@@ -161,19 +175,6 @@ class DataPlane:
             hist = self._durations[product] = metrics.REQUEST_DURATION.labels(product)
         hist.observe(time.perf_counter() - started)
 
-    def deny(
-        self,
-        code: str,
-        rid: str,
-        message: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> web.Response:
-        body = DEFAULT_BODIES[code] if message is None else error_json(code, message)
-        h = {"x-request-id": rid, "content-type": _JSON}
-        if headers:
-            h.update(headers)
-        return web.Response(status=CODES[code].status, body=body, headers=h)
-
     # ------------------------------------------------------------------ the handler
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -194,23 +195,23 @@ class DataPlane:
         route = cfg.route_for(path, request.host.split(":", 1)[0] if request.host else None)
         if route is None:
             self._count("none", "none", "unknown_route", started)
-            return self.deny("unknown_route", rid)
+            return deny_response("unknown_route", rid)
         product = route.product
 
         smuggling = hdrs.smuggling_error(request)
         if smuggling is not None:
             self._count(product, "none", "invalid_request", started)
-            return self.deny("invalid_request", rid, smuggling)
+            return deny_response("invalid_request", rid, smuggling)
 
         # Row 2: key. Rows 3..11 come from the facts.
         try:
             facts = await self._identify(request, cfg)
         except EntitlementUnavailable:
             self._count(product, "none", "entitlement_unavailable", started)
-            return self.deny("entitlement_unavailable", rid)
+            return deny_response("entitlement_unavailable", rid)
         if facts is None:
             self._count(product, "none", "invalid_api_key", started)
-            return self.deny("invalid_api_key", rid)
+            return deny_response("invalid_api_key", rid)
 
         upstream_path = path
         if route.rewrite_prefix is not None:
@@ -248,7 +249,7 @@ class DataPlane:
             message = (
                 body_error.message if body_error and decision.code == body_error.code else None
             )
-            return self.deny(decision.code, rid, message, extra)
+            return deny_response(decision.code, rid, message, extra)
 
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
@@ -352,7 +353,7 @@ class DataPlane:
             )
         except UpstreamError as exc:
             self._count(product, program, exc.code, started)
-            return self.deny(exc.code, rid)
+            return deny_response(exc.code, rid)
         ttfb = self._ttfb.get(upstream_name)
         if ttfb is None:
             ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
@@ -390,10 +391,10 @@ class DataPlane:
                 status = resp.status
         except TimeoutError:
             self._count(product, "none", "upstream_timeout", started)
-            return self.deny("upstream_timeout", rid)
+            return deny_response("upstream_timeout", rid)
         except aiohttp.ClientError:
             self._count(product, "none", "upstream_unavailable", started)
-            return self.deny("upstream_unavailable", rid)
+            return deny_response("upstream_unavailable", rid)
         if status != 200:
             self._count(product, "none", "ok", started)
             return web.Response(status=status, body=raw, headers={"x-request-id": rid})
@@ -402,7 +403,7 @@ class DataPlane:
             items = doc["data"]
         except (ValueError, KeyError, TypeError):
             self._count(product, "none", "upstream_unavailable", started)
-            return self.deny("upstream_unavailable", rid, "The model list is not valid JSON.")
+            return deny_response("upstream_unavailable", rid, "The model list is not valid JSON.")
         now = time.time()
         doc["data"] = [
             item
@@ -443,11 +444,7 @@ class _DataRequestHandler(RequestHandler):
             log.debug("refused a malformed request: %s", message)
             code = "request_too_large" if status == 413 else "invalid_request"
         detail = None if status >= 500 else f"Malformed HTTP request: {message or status}."
-        response = web.Response(
-            status=status,
-            body=error_json(code, detail),
-            headers={"x-request-id": _request_id(), "content-type": _JSON},
-        )
+        response = deny_response(code, _request_id(), detail)
         response.force_close()
         return response
 
