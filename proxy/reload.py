@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from proxy import config, configdiff, metrics
 from proxy.config import Config, ConfigError, ConfigIssue
 from proxy.snapshot import Holder
+from proxy.store.pubsub import subscribe_forever
 
 log = logging.getLogger(__name__)
 
@@ -310,27 +311,12 @@ class Reloader:
 
     async def _subscribe(self) -> None:
         assert self.redis is not None
-        backoff = 0.05
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(RELOAD_CHANNEL)
-                # Announcements made while unsubscribed are lost: look at the file instead.
-                self.check_file("resubscribe")
-                self.subscribed.set()
-                backoff = 0.05
-                while True:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        self._on_message(msg["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any Redis/socket failure: resubscribe
-                if self.subscribed.is_set():
-                    log.warning("reload subscription lost: %s", exc)
-                self.subscribed.clear()
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+        # Announcements made while unsubscribed are lost: look at the file instead.
+        await subscribe_forever(
+            self.redis,
+            RELOAD_CHANNEL,
+            on_subscribed=lambda: self.check_file("resubscribe"),
+            on_message=self._on_message,
+            connected=self.subscribed,
+            what="reload",
+        )

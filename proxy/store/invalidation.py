@@ -11,6 +11,7 @@ import logging
 import redis.asyncio as aioredis
 
 from proxy.store.cache import FactCache
+from proxy.store.pubsub import subscribe_forever
 from proxy.store.schema import FLUSH_ALL, INVALIDATION_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -49,27 +50,12 @@ class Subscriber:
                 self.cache.invalidate(key)
 
     async def _run(self) -> None:
-        backoff = 0.05
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(INVALIDATION_CHANNEL)
-                # Anything published while we were not subscribed is lost: start from nothing.
-                self.cache.clear()
-                self.connected.set()
-                backoff = 0.05
-                while True:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
-                        self.apply(msg["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any Redis/socket failure: resubscribe
-                if self.connected.is_set():
-                    log.warning("invalidation subscription lost: %s", exc)
-                self.connected.clear()
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+        # Anything published while not subscribed is lost: start from nothing on each subscribe.
+        await subscribe_forever(
+            self.redis,
+            INVALIDATION_CHANNEL,
+            on_subscribed=self.cache.clear,
+            on_message=self.apply,
+            connected=self.connected,
+            what="invalidation",
+        )
