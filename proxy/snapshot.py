@@ -23,6 +23,7 @@ class Snapshot:
     upstream_urls: Mapping[str, URL]
     upstream_keys: Mapping[str, str | None]
     strip_response_headers: frozenset[str]
+    host_routes: bool  # whether any route matches on the Host header
 
     @classmethod
     def of(cls, cfg: Config) -> Snapshot:
@@ -36,6 +37,7 @@ class Snapshot:
                 }
             ),
             strip_response_headers=frozenset({cfg.misuse.upstream_flag_header}),
+            host_routes=any(r.host is not None for r in cfg.routes),
         )
 
 

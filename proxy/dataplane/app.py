@@ -192,7 +192,8 @@ class DataPlane:
         path = request.raw_path.split("?", 1)[0]
 
         # Row 1: route.
-        route = cfg.route_for(path, request.host.split(":", 1)[0] if request.host else None)
+        host = request.host.split(":", 1)[0] if snap.host_routes and request.host else None
+        route = cfg.route_for(path, host)
         if route is None:
             self._count("none", "none", "unknown_route", started)
             return deny_response("unknown_route", rid)
