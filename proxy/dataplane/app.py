@@ -161,6 +161,7 @@ class DataPlane:
         self._ttfb: dict[str, Any] = {}
         self._verified: dict[str, int] = {}
         self.inflight = 0  # read by the inflight gauge (see metrics.track_inflight)
+        self._releases: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ accounting
 
@@ -278,8 +279,11 @@ class DataPlane:
             )
         finally:
             if admission.release is not None:
-                # Shielded: a client disconnect cancels the handler, not the slot release.
-                await asyncio.shield(admission.release())
+                # In the background: the answer is not held back for it, and a client
+                # disconnect (which cancels the handler) does not cancel it.
+                task = asyncio.ensure_future(admission.release())
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
 
     async def _identify(self, request: web.BaseRequest, cfg: Any) -> Facts | None:
         key = presented_key(request)
