@@ -40,6 +40,7 @@ from proxy.store.pubsub import subscribe_forever
 log = logging.getLogger(__name__)
 
 RELOAD_CHANNEL = "ap:reload"
+PEER_ACK_TIMEOUT_S = 2.0
 # A file changed this recently may be written again within the same timestamp tick without its
 # size changing, so its content is compared as well (git's "racily clean" rule).
 _RACY_S = 2.0
@@ -54,6 +55,8 @@ class ReloadResult:
     errors: list[dict[str, Any]] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     restart_required: list[str] = field(default_factory=list)
+    peers_asked: int = 0  # other workers and replicas that received the announcement
+    peers_confirmed: int = 0  # of those, the ones that answered running this version
 
     @property
     def status(self) -> int:
@@ -67,6 +70,7 @@ class ReloadResult:
             "errors": list(self.errors),
             "changes": list(self.changes),
             "restart_required": list(self.restart_required),
+            "peers": {"asked": self.peers_asked, "confirmed": self.peers_confirmed},
         }
 
 
@@ -143,6 +147,8 @@ class Reloader:
         self._missing_logged = False
         self._tasks: list[asyncio.Task[None]] = []
         self._sighup_loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: dict[str, asyncio.Queue[str]] = {}  # our announcements awaiting acks
+        self._acks: set[asyncio.Future[int]] = set()
 
     @property
     def version(self) -> str:
@@ -224,17 +230,36 @@ class Reloader:
     # ------------------------------------------------------------------ every worker
 
     async def reload_everywhere(self, trigger: str) -> ReloadResult:
-        """Reload here, then ask every other worker and replica on this Redis to do the same."""
+        """Reload here, then ask every other worker and replica on this Redis to do the same,
+        and wait (up to ``PEER_ACK_TIMEOUT_S``) until each says it runs the new version, so the
+        next request after the answer is decided under it wherever it lands."""
         result = self.reload(trigger)
-        if self.redis is not None and result.result != "error":
-            message = json.dumps(
-                {"origin": self.origin, "trigger": trigger, "version": result.version}
-            )
-            try:
-                await self.redis.publish(RELOAD_CHANNEL, message)
-            except Exception as exc:  # the others still see the file change by watching it
-                log.warning("could not announce the reload on %s: %s", RELOAD_CHANNEL, exc)
-        return result
+        if self.redis is None or result.result == "error":
+            return result
+        ask = uuid.uuid4().hex
+        acks: asyncio.Queue[str] = asyncio.Queue()
+        self._waiting[ask] = acks
+        message = {
+            "kind": "reload",
+            "origin": self.origin,
+            "ask": ask,
+            "trigger": trigger,
+            "version": result.version,
+        }
+        try:
+            receivers = await self.redis.publish(RELOAD_CHANNEL, json.dumps(message))
+            asked = max(0, receivers - (1 if self.subscribed.is_set() else 0))
+            confirmed = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PEER_ACK_TIMEOUT_S):
+                    for _ in range(asked):
+                        confirmed += await acks.get() == result.version
+        except Exception as exc:  # the others still see the file change by watching it
+            log.warning("could not announce the reload on %s: %s", RELOAD_CHANNEL, exc)
+            return result
+        finally:
+            del self._waiting[ask]
+        return dataclasses.replace(result, peers_asked=asked, peers_confirmed=confirmed)
 
     async def admin_reload(self) -> dict[str, Any]:
         """The admin call's reload: everywhere, answered as JSON (``result`` "error" → 422)."""
@@ -244,11 +269,22 @@ class Reloader:
         try:
             message = json.loads(data)
             origin = message["origin"]
-        except (ValueError, TypeError, KeyError):
+            kind = message.get("kind", "reload")
+        except (ValueError, TypeError, KeyError, AttributeError):
             log.warning("ignoring a malformed message on %s", RELOAD_CHANNEL)
             return
-        if origin != self.origin:
-            self.reload("peer")
+        if kind == "ack":
+            waiting = self._waiting.get(message.get("ask", ""))
+            if origin == self.origin and waiting is not None:
+                waiting.put_nowait(str(message.get("version")))
+        elif origin != self.origin:
+            result = self.reload("peer")
+            if "ask" in message and self.redis is not None:
+                ack = {"kind": "ack", "origin": origin, "ask": message["ask"]}
+                ack["version"] = result.version
+                task = asyncio.ensure_future(self.redis.publish(RELOAD_CHANNEL, json.dumps(ack)))
+                self._acks.add(task)
+                task.add_done_callback(self._acks.discard)
 
     # ------------------------------------------------------------------ background triggers
 
