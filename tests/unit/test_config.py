@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from proxy import config
 from proxy.config import ConfigError, ConfigIssue
+from proxy.snapshot import Snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -64,6 +65,26 @@ def test_shipped_config_loads() -> None:
     route = cfg.route_for("/codex/v1/responses", None)
     assert route is not None and route.product == "codex" and route.rewrite_prefix == "/v1/"
     assert cfg.route_for("/nowhere", None) is None
+
+
+def test_a_host_route_wins_for_its_host_only() -> None:
+    cfg = config.parse(
+        """
+upstreams: {models: {url: "http://127.0.0.1:1"}, eu: {url: "http://127.0.0.1:2"}}
+routes:
+  - {path_prefix: /v1/, product: api, upstream: models}
+  - {path_prefix: /v1/, product: api, upstream: eu, host: eu.example.com}
+programs: {}
+"""
+    )
+    eu = cfg.route_for("/v1/chat/completions", "eu.example.com")
+    assert eu is not None and eu.upstream == "eu"
+    other = cfg.route_for("/v1/chat/completions", "us.example.com")
+    assert other is not None and other.upstream == "models"
+    assert cfg.route_for("/v1/chat/completions", None) == other
+    # The handler reads the Host header only when some route needs it.
+    assert Snapshot.of(cfg).host_routes
+    assert not Snapshot.of(config.load("config/proxy.yaml")).host_routes
 
 
 def test_load_uses_the_environment_path(monkeypatch: pytest.MonkeyPatch) -> None:
