@@ -84,7 +84,7 @@ programs: {}
     assert cfg.route_for("/v1/chat/completions", None) == other
     # The handler reads the Host header only when some route needs it.
     assert Snapshot.of(cfg).host_routes
-    assert not Snapshot.of(config.load("config/proxy.yaml")).host_routes
+    assert not Snapshot.of(config.load(ROOT / "config" / "proxy.yaml")).host_routes
 
 
 def test_load_uses_the_environment_path(monkeypatch: pytest.MonkeyPatch) -> None:
