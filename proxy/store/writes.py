@@ -480,11 +480,7 @@ class Writes:
         flag_id = uuid.uuid4().hex[:16]
 
         async def plan(pipe: Pipeline) -> Plan:
-            if not await pipe.exists(schema.workspace_key(ws_id)):
-                raise NotFound(f"workspace {ws_id} not found")
-            raw = await self._hash(pipe, skey)
-            flags = await pipe.zrange(fkey, 0, -1)
-            before_s = schema.standing_from(raw, flags)
+            before_s = await self._existing_standing(pipe, ws_id)
             before = evaluate_standing(before_s, misuse, flag.at)
             after_s = Standing(
                 tuple(sorted((*before_s.flags, flag), key=lambda f: f.at)),
@@ -532,6 +528,14 @@ class Writes:
             metrics.TIER_TRANSITIONS.labels(after.tier_name).inc()
         return before, after
 
+    async def _existing_standing(self, pipe: Pipeline, ws_id: str) -> Standing:
+        """A workspace's standing, read inside a watched transaction; NotFound if none."""
+        if not await pipe.exists(schema.workspace_key(ws_id)):
+            raise NotFound(f"workspace {ws_id} not found")
+        raw = await self._hash(pipe, schema.standing_key(ws_id))
+        flags = await pipe.zrange(schema.flags_key(ws_id), 0, -1)
+        return schema.standing_from(raw, flags)
+
     async def clear_standing(
         self, actor: Actor, ws_id: str, reason: str, misuse: MisuseConfig
     ) -> StandingView:
@@ -539,11 +543,7 @@ class Writes:
         skey, fkey = schema.standing_key(ws_id), schema.flags_key(ws_id)
 
         async def plan(pipe: Pipeline) -> Plan:
-            if not await pipe.exists(schema.workspace_key(ws_id)):
-                raise NotFound(f"workspace {ws_id} not found")
-            raw = await self._hash(pipe, skey)
-            flags = await pipe.zrange(fkey, 0, -1)
-            before_s = schema.standing_from(raw, flags)
+            before_s = await self._existing_standing(pipe, ws_id)
             now = time.time()
             before = evaluate_standing(before_s, misuse, now)
             after = evaluate_standing(Standing((), before_s.suspended), misuse, now)
