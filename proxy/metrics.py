@@ -61,6 +61,9 @@ CONFIG_RELOADS = Counter(
     "Config reload attempts by result (ok, error).",
     ["result"],
 )
+# Both outcomes exist from the start, so a dashboard sees 0 errors rather than no series.
+for _result in ("ok", "error"):
+    CONFIG_RELOADS.labels(_result)
 CONFIG_INFO = Gauge(
     "access_proxy_config_info",
     "The active config version (content hash); value 1.",

@@ -445,3 +445,24 @@ def _stale_lookups(samples: list[tuple[str, dict[str, str], float]]) -> float:
         for name, labels, v in samples
         if name == "access_proxy_cache_lookups_total" and labels.get("result") == "stale"
     )
+
+
+async def test_every_spec_metric_is_exported_after_traffic(
+    stack: Stack, seed: Seeder, http: aiohttp.ClientSession
+) -> None:
+    tenant = await seed.tenant()
+    await seed.grant(f"workspace:{tenant.workspace}")
+    assert_allowed(await request(http, stack.proxy.data_url, key=tenant.key, model=SOL))
+    names = {name for name, _, _ in await metric_samples(http, stack.proxy.admin_url)}
+    for name in (
+        "access_proxy_requests_total",
+        "access_proxy_request_duration_seconds_bucket",
+        "access_proxy_decision_duration_seconds_bucket",
+        "access_proxy_upstream_ttfb_seconds_bucket",
+        "access_proxy_inflight_requests",
+        "access_proxy_cache_lookups_total",
+        "access_proxy_cache_invalidations_total",
+        "access_proxy_config_reloads_total",
+        "access_proxy_config_info",
+    ):
+        assert name in names, name
