@@ -33,6 +33,7 @@ from proxy.dataplane.admission import Admitter
 from proxy.dataplane.app import DataPlane, DataServer, Hooks
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
+from proxy.dataplane.websocket import Sessions
 from proxy.metering import Meter
 from proxy.redis_server import RedisServer
 from proxy.reload import Reloader
@@ -106,15 +107,23 @@ class Proxy:
             lambda: self.holder.current.config.version,
         )
         self.flags.start()
+        self.session = make_session()
+        # Open WebSocket sessions are decided again on every eviction and config swap.
+        self.sessions = Sessions(self.holder, self.entitlements, self.session)
+        self.subscriber.listeners.append(self.sessions.facts_evicted)
+        self.sessions.start()
         self.reloader: Reloader | None = None
         if self.config_path is not None:
             self.reloader = Reloader(
                 self.holder, self.config_path, redis=self.sub_redis, on_swap=self._config_swapped
             )
             await self.reloader.start()
-        self.session = make_session()
         admitter = Admitter(self.session, self.limiter)
-        hooks = Hooks(admit=admitter.admit, on_upstream_headers=self.flags.on_upstream_headers)
+        hooks = Hooks(
+            admit=admitter.admit,
+            on_upstream_headers=self.flags.on_upstream_headers,
+            websocket=self.sessions,
+        )
         self.meter = Meter(UsageStore(self.admin_redis))
         self.meter.start()
         self.dataplane = DataPlane(
@@ -161,6 +170,7 @@ class Proxy:
         self.gate.timeout_s = new.redis.timeout_ms / 1000
         self.gate.breaker.failures = new.redis.breaker_failures
         self.gate.breaker.reset_s = new.redis.breaker_reset_s
+        self.sessions.config_swapped()
         log.info("config %s -> %s", old.version, new.version)
 
     async def _reload(self) -> dict[str, Any]:
@@ -204,6 +214,7 @@ class Proxy:
     async def stop(self) -> None:
         """Turn /readyz to 503, stop accepting, drain in-flight requests (up to the grace)."""
         self.draining = True
+        await self.sessions.stop()  # a session may last hours: it is ended, not drained
         await self.data_runner.cleanup()
         if self.inflight_task is not None:
             self.inflight_task.cancel()
