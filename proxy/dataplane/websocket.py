@@ -208,6 +208,7 @@ class Sessions:
         self._by_fact: dict[str, set[Session]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._gauges: dict[str, Any] = {}
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,7 +216,8 @@ class Sessions:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="websocket-sweep")
 
     async def stop(self) -> None:
-        """End every open session (close 1001, going away) and the sweep."""
+        """End every open session (close 1001, going away), and any opened from now on."""
+        self._stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -395,6 +397,11 @@ class Sessions:
         count("ok")
         self._register(s)
         try:
+            if self._stopping:  # upgraded while the listener drains
+                await self._end(s, "shutdown", 1001, None)
+            # A signal that arrived between the decision and now found no session to end:
+            # decide once more (no Redis round trip while the facts are cached and fresh).
+            self._schedule(s)
             await self._pump_both(s)
         finally:
             self._unregister(s)
