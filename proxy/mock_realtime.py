@@ -7,8 +7,8 @@ It answers like a realtime model server, as simply as can be: ``session.created`
 is not JSON, binary frames echoed back, and any other event echoed as ``mock.echo``. Two events
 steer it: ``{"type": "mock.close", "code": 4001, "reason": "..."}`` closes with that code and
 ``{"type": "mock.ping", "payload": "..."}`` sends a ping; the request header
-``x-mock-first-byte-delay-ms`` holds the handshake's answer back. It pongs every ping itself and records
-the pongs it receives.
+``x-mock-first-byte-delay-ms`` holds the handshake's answer back. It pongs every ping itself and
+records the pongs it receives.
 
 Every session is recorded (``GET /_mock/realtime``): its request id, query, headers, chosen
 subprotocol, the events and pongs received, how it closed, and ``models_read``: every model name
