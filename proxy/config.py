@@ -12,8 +12,10 @@ import ipaddress
 import itertools
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -104,6 +106,8 @@ class Program:
     required_approvals: tuple[str, ...]
     phases: Mapping[str, str]
     blocked_categories: tuple[str, ...]
+    requires_account_representative: bool = False
+    ga_not_before: float | None = None  # release gate: no product in ga before this time
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +432,49 @@ def _http_url(v: Any) -> str | None:
     return None
 
 
+def _rfc3339(value: Any) -> float | None:
+    """Epoch seconds of an RFC 3339 time with an offset (YAML may already give a datetime)."""
+    if isinstance(value, datetime):
+        when = value
+    elif isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip().upper())
+        except ValueError:
+            return None
+    else:
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
+
+
+def _release_gate(
+    c: _Checker, gm: Mapping[str, Any], path: str, phases: Mapping[str, str], now: float
+) -> float | None:
+    """``ga_not_before``; an error on each product put in ``ga`` while the gate is closed."""
+    if gm.get("ga_not_before") is None:
+        return None
+    at = _rfc3339(gm["ga_not_before"])
+    if at is None:
+        c.err(
+            f"{path}.ga_not_before",
+            "must be an RFC 3339 time with an offset, e.g. 2026-07-24T00:00:00Z",
+        )
+        return None
+    if now < at:
+        program_path = path.rsplit(".", 1)[0]
+        for product, phase in phases.items():
+            if phase == "ga":
+                c.err(
+                    f"{program_path}.phases.{product}",
+                    f"ga is not allowed before the release gate opens at {rfc3339_utc(at)} "
+                    f"({path}.ga_not_before)",
+                )
+    return at
+
+
+def rfc3339_utc(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _listen(c: _Checker, value: Any, path: str, host: str, port: int) -> Listen:
     m = c.mapping(value, path, ("host", "port"))
     return Listen(
@@ -481,8 +528,14 @@ _TOP = (
 )
 
 
-def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config:
-    """Validate parsed YAML and build a snapshot, or raise ConfigError with every issue."""
+def build(
+    data: Any, lines: dict[str, int], source: str, version: str, now: float | None = None
+) -> Config:
+    """Validate parsed YAML and build a snapshot, or raise ConfigError with every issue.
+
+    ``now`` (default: the clock) is the time release gates are judged at.
+    """
+    now = time.time() if now is None else now
     c = _Checker(lines)
     if data is None:
         data = {}
@@ -626,7 +679,18 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
     known_roles = {r.split(":", 1)[1] for t in tokens for r in t.roles if r.startswith("approver:")}
     for name, raw in pm.items():
         p = f"programs.{name}"
-        m = c.mapping(raw, p, ("models", "required_approvals", "phases", "blocked_categories"))
+        m = c.mapping(
+            raw,
+            p,
+            (
+                "models",
+                "required_approvals",
+                "phases",
+                "blocked_categories",
+                "eligibility",
+                "release_gates",
+            ),
+        )
         models = _str_list(c, m, "models", p)
         if "models" not in m:
             c.err(f"{p}.models", "is required")
@@ -660,12 +724,21 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
             if phase not in PHASES:
                 c.err(f"{p}.phases.{product}", f"phase must be one of {', '.join(PHASES)}")
             phases[product] = phase
+        em = c.mapping(
+            m.get("eligibility"), f"{p}.eligibility", ("requires_account_representative",)
+        )
+        gm = c.mapping(m.get("release_gates"), f"{p}.release_gates", ("ga_not_before",))
+        ga_not_before = _release_gate(c, gm, f"{p}.release_gates", phases, now)
         programs[str(name)] = Program(
             name=str(name),
             models=models,
             required_approvals=approvals,
             phases=MappingProxyType(phases),
             blocked_categories=tuple(x.lower() for x in _str_list(c, m, "blocked_categories", p)),
+            requires_account_representative=c.get(
+                em, "requires_account_representative", f"{p}.eligibility", bool, False
+            ),
+            ga_not_before=ga_not_before,
         )
 
     unlisted = c.get(
@@ -855,20 +928,20 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
     )
 
 
-def parse(text: str, source: str = "<config>") -> Config:
+def parse(text: str, source: str = "<config>", now: float | None = None) -> Config:
     data, lines = _compose(text, source)
     version = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return build(data, lines, source, version)
+    return build(data, lines, source, version, now)
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
+def load(path: str | os.PathLike[str] | None = None, now: float | None = None) -> Config:
     """Read and validate a config file; the path defaults to env ACCESS_PROXY_CONFIG."""
     p = Path(path or os.environ.get("ACCESS_PROXY_CONFIG") or DEFAULT_PATH)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(str(p), [ConfigIssue("", f"cannot read file: {exc.strerror}")]) from None
-    return parse(text, str(p))
+    return parse(text, str(p), now)
 
 
 def summary(cfg: Config) -> str:

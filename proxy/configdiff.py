@@ -113,6 +113,10 @@ def _describe_program(p: Program) -> str:
     return f"models {_render(p.models)}, approvals {_render(p.required_approvals)}, phases {phases}"
 
 
+def _gate(at: float | None) -> str | None:
+    return config.rfc3339_utc(at) if at is not None else None
+
+
 def _route_key(r: Route) -> str:
     return f"{r.host or ''}{r.path_prefix}"
 
@@ -197,6 +201,18 @@ def diff(old: Config, new: Config) -> list[Change]:
         )
         d.members(
             "programs", f"{path}.blocked_categories", a.blocked_categories, b.blocked_categories
+        )
+        d.changed(
+            "programs",
+            f"{path}.eligibility.requires_account_representative",
+            a.requires_account_representative,
+            b.requires_account_representative,
+        )
+        d.changed(
+            "programs",
+            f"{path}.release_gates.ga_not_before",
+            _gate(a.ga_not_before),
+            _gate(b.ga_not_before),
         )
 
     d.mapping(
