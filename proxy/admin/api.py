@@ -407,7 +407,7 @@ class AdminAPI:
                 subject,
                 models,
                 expires_at,
-                cfg.programs[program].requires_account_representative,
+                cfg.programs[program].eligibility.requires_account_representative,
             )
         except Conflict as exc:
             return _error("conflict", exc.message, None, grant_id=exc.existing_id)

@@ -87,7 +87,7 @@ def _key_view(rec: KeyRecord | None) -> dict[str, Any] | None:
 def _eligibility(program: Program | None, org: Org | None, has_grant: bool) -> dict[str, Any]:
     """Whether the subject's org may be granted the program now (SPEC §4), and whether an
     existing grant outlived a representative cleared after it was made."""
-    required = program is not None and program.requires_account_representative
+    required = program is not None and program.eligibility.requires_account_representative
     eligible = org_eligible(required, org)
     out: dict[str, Any] = {"requires_account_representative": required, "org_eligible": eligible}
     if has_grant and not eligible:

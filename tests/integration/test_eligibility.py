@@ -40,8 +40,8 @@ def eligibility_config(upstream_url: str = "http://127.0.0.1:9") -> config.Confi
         "    eligibility: {requires_account_representative: true}\n",
     )
     cfg = config.parse(text)
-    assert cfg.programs[PREVIEW].requires_account_representative
-    assert not cfg.programs[ALPHA].requires_account_representative
+    assert cfg.programs[PREVIEW].eligibility.requires_account_representative
+    assert not cfg.programs[ALPHA].eligibility.requires_account_representative
     return cfg
 
 

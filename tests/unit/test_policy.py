@@ -387,7 +387,7 @@ def test_a_grant_may_be_requested_exactly_when_the_org_is_eligible(
     program: str, org_known: bool, representative: str | None
 ) -> None:
     org = Org("org1", account_representative=representative) if org_known else None
-    requires = ALLOW_UNLISTED.programs[program].requires_account_representative
+    requires = ALLOW_UNLISTED.programs[program].eligibility.requires_account_representative
     assert org_eligible(requires, org) is eligibility_oracle(program, org_known, representative)
 
 

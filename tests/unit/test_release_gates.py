@@ -53,8 +53,8 @@ def test_ga_from_the_gate_on_is_accepted() -> None:
         cfg = config.parse(text(), now=now)
         program = cfg.programs["gpt-5.6-preview"]
         assert program.phases["api"] == "ga"
-        assert program.ga_not_before == GATE_T
-        assert program.requires_account_representative
+        assert program.release_gates.ga_not_before_t == GATE_T
+        assert program.eligibility.requires_account_representative
 
 
 def test_every_product_in_ga_is_named_and_other_programs_are_not_gated() -> None:
@@ -81,7 +81,7 @@ def test_a_gate_that_is_not_an_rfc3339_time_with_offset_is_located(gate: str) ->
 def test_offsets_and_unquoted_yaml_timestamps_are_the_same_instant() -> None:
     for gate in ('"2026-07-24T02:00:00+02:00"', "2026-07-24T00:00:00Z", '"2026-07-24t00:00:00z"'):
         cfg = config.parse(text("{api: preview}", gate), now=0)
-        assert cfg.programs["gpt-5.6-preview"].ga_not_before == GATE_T, gate
+        assert cfg.programs["gpt-5.6-preview"].release_gates.ga_not_before_t == GATE_T, gate
 
 
 _PHASE = st.sampled_from(("closed", "preview", "ga"))
