@@ -614,3 +614,16 @@ async def test_revocation_while_the_upstream_handshake_is_pending_ends_the_sessi
     ws = await opening
     started = time.monotonic()
     await assert_ended(ws, "invalid_api_key", started, SIGNAL_WITHIN_S)
+
+
+async def test_a_grant_that_expires_ends_its_sessions_by_the_clock(
+    stack: Stack, seed: Seeder, http: aiohttp.ClientSession
+) -> None:
+    """No signal announces an expiry: the sweep (every second at most) sees it."""
+    tenant = await seed.tenant()
+    await seed.grant(f"workspace:{tenant.workspace}", expires_in=2.0)
+    ws = await connect(http, stack.proxy.data_url, tenant.key, f"model={PREVIEW_MODEL}")
+    await receive_json(ws)
+    started = time.monotonic()
+    elapsed = await assert_ended(ws, "access_expired", started, 2.0 + 1.0 + ENDED_WITHIN_S)
+    assert elapsed > 0.5  # not at once: at the expiry
