@@ -70,10 +70,22 @@ class Answer(Protocol):
     """What the meter needs of a forwarded answer (``proxy.dataplane.forward.ForwardResult``)."""
 
     @property
+    def status(self) -> int: ...
+
+    @property
+    def completed(self) -> bool: ...
+
+    @property
     def captured(self) -> bytes: ...
 
     @property
     def is_stream(self) -> bool: ...
+
+    @property
+    def capture_whole(self) -> bool: ...
+
+    @property
+    def capture_problem(self) -> str | None: ...
 
 
 # --------------------------------------------------------------------------- extraction
@@ -171,14 +183,14 @@ def _from_sse(data: bytes) -> Usage | None:
     return None
 
 
-def extract_usage(captured: bytes, is_stream: bool) -> Usage | None:
-    """The usage of an answer: a JSON body, or the tail of an SSE stream. None when absent or
-    unreadable."""
+def extract_usage(captured: bytes, is_stream: bool, whole: bool = True) -> Usage | None:
+    """The usage of an answer: a JSON body (``whole`` False: the tail of one), or the tail of an
+    SSE stream. None when absent or unreadable."""
     if _USAGE_KEY not in captured:
         return None
     if is_stream:
         return _from_sse(captured)
-    if len(captured) > WHOLE_PARSE_BYTES:
+    if not whole or len(captured) > WHOLE_PARSE_BYTES:
         return _probe_large_json(captured)
     try:
         obj = json.loads(captured)
@@ -239,6 +251,7 @@ class Meter:
         self._task: asyncio.Task[None] | None = None
         self._tokens: dict[tuple[str, str], Any] = {}
         self._cost: dict[tuple[str, str], Any] = {}
+        self._unmetered: dict[tuple[str, str], Any] = {}
 
     @property
     def pending(self) -> int:
@@ -255,14 +268,24 @@ class Meter:
         model: str | None,
         result: Answer,
         pricing: Pricing,
-    ) -> None:
-        """Meter one forwarded answer. Synchronous and free of I/O; an answer without usage is
-        ignored."""
-        usage = extract_usage(result.captured, result.is_stream)
-        if usage is None:
-            return
-        cost = price(usage, model, pricing)
+    ) -> Usage | None:
+        """Meter one forwarded answer, or count it unmetered with its reason. Synchronous and
+        free of I/O."""
         label = program or "none"
+        usage: Usage | None = None
+        if not result.completed:
+            reason = "incomplete"
+        elif result.status >= 400:
+            reason = "upstream_error"
+        elif result.capture_problem is not None:
+            reason = result.capture_problem
+        else:
+            usage = extract_usage(result.captured, result.is_stream, result.capture_whole)
+            reason = "no_usage" if result.capture_whole else "too_large"
+        if usage is None:
+            self.unmetered(label, reason)
+            return None
+        cost = price(usage, model, pricing)
         for kind, n in usage.kinds():
             if n:
                 child = self._tokens.get((label, kind))
@@ -279,6 +302,15 @@ class Meter:
         )
         self._add_pending(workspace_id, model, delta)
         self._wake.set()
+        return usage
+
+    def unmetered(self, program: str, reason: str) -> None:
+        """Count an answer whose usage could not be read (``reason`` from
+        ``metrics.UNMETERED_REASONS``)."""
+        child = self._unmetered.get((program, reason))
+        if child is None:
+            child = self._unmetered[(program, reason)] = metrics.UNMETERED.labels(program, reason)
+        child.inc()
 
     def _add_pending(self, ws: str, model: str | None, delta: UsageDelta) -> None:
         held = self._pending.get((ws, model))
