@@ -370,6 +370,11 @@ class DataPlane:
                 on_upstream_headers=on_headers,
                 hide_usage=hide_usage,
             )
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler): the request had gone upstream.
+            if self.meter is not None:
+                self.meter.unmetered(program, "incomplete")
+            raise
         except UpstreamError as exc:
             if exc.answered and self.meter is not None:
                 self.meter.unmetered(program, "incomplete")

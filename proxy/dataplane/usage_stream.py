@@ -21,7 +21,7 @@ from proxy.dataplane.codings import Decoder, Emit, decoder_for
 CHAT_COMPLETIONS = "/chat/completions"
 _ASK = b',"stream_options":{"include_usage":true}}'
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
-_NULL_USAGE = re.compile(rb'(,\s*)?"usage"\s*:\s*null(\s*,)?')
+_NULL_USAGE = re.compile(rb'(,\s*)?"usage"\s*:\s*null(\s*,\s*)?')
 
 
 def wants_usage_added(method: str, upstream_path: str, doc: Any) -> bool:
