@@ -13,9 +13,9 @@ write costs ``cache_write`` when set, else the input rate × ``cache_write_multi
 model without a price has its tokens counted at cost 0.
 
 :class:`Meter` does no Redis I/O on the request path: ``record`` counts the metrics and adds the
-usage to pending increments coalesced per workspace and model; one background task writes them in
-batches. While Redis is away the increments stay pending (memory bounded by workspaces × models,
-whatever the outage's length) and are retried with backoff until they land. Delivery is at least
+usage to pending increments coalesced per workspace, model and UTC day; one background task writes
+them in batches. While Redis is away the increments stay pending (memory bounded by workspaces ×
+models × days the outage spans) and are retried with backoff until they land. Delivery is at least
 once: a batch whose EXEC succeeded but whose reply was lost is written again.
 """
 
@@ -25,6 +25,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +34,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from proxy import metrics
 from proxy.config import Pricing
-from proxy.store.usage import UsageDelta, UsageStore
+from proxy.store.usage import UsageDelta, UsageStore, day_of
 
 log = logging.getLogger(__name__)
 
@@ -238,14 +240,16 @@ class Meter:
         retry_initial_s: float = 0.05,
         retry_max_s: float = 2.0,
         flush_interval_s: float = 0.1,
+        retention_days: Callable[[], int] = lambda: 400,
     ) -> None:
         self.store = store
+        self.retention_days = retention_days
         self.flush_interval_s = flush_interval_s
         self._stopped = asyncio.Event()
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
-        self._pending: dict[tuple[str, str | None], UsageDelta] = {}
-        self._writing: dict[tuple[str, str | None], UsageDelta] = {}
+        self._pending: dict[tuple[str, str | None, str], UsageDelta] = {}
+        self._writing: dict[tuple[str, str | None, str], UsageDelta] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -255,7 +259,8 @@ class Meter:
 
     @property
     def pending(self) -> int:
-        """Workspace and model pairs with increments not yet written (or being written)."""
+        """Workspace, model and day entries with increments not yet written (or being
+        written)."""
         if not self._writing:
             return len(self._pending)
         return len(self._pending.keys() | self._writing.keys())
@@ -300,7 +305,7 @@ class Meter:
         delta = UsageDelta(
             1, usage.input, usage.cached_input, usage.cache_write, usage.output, cost
         )
-        self._add_pending(workspace_id, model, delta)
+        self._add_pending((workspace_id, model, day_of(time.time())), delta)
         self._wake.set()
         return usage
 
@@ -312,16 +317,16 @@ class Meter:
             child = self._unmetered[(program, reason)] = metrics.UNMETERED.labels(program, reason)
         child.inc()
 
-    def _add_pending(self, ws: str, model: str | None, delta: UsageDelta) -> None:
-        held = self._pending.get((ws, model))
+    def _add_pending(self, key: tuple[str, str | None, str], delta: UsageDelta) -> None:
+        held = self._pending.get(key)
         if held is None:
-            self._pending[(ws, model)] = delta
+            self._pending[key] = delta
         else:
             held.merge(delta)
 
-    def _restore(self, batch: dict[tuple[str, str | None], UsageDelta]) -> None:
-        for (ws, model), delta in batch.items():
-            self._add_pending(ws, model, delta)
+    def _restore(self, batch: dict[tuple[str, str | None, str], UsageDelta]) -> None:
+        for key, delta in batch.items():
+            self._add_pending(key, delta)
 
     def start(self) -> None:
         if self._task is None:
@@ -361,7 +366,7 @@ class Meter:
             batch, self._pending = self._pending, {}
             self._writing = batch
             try:
-                await self.store.add(batch)
+                await self.store.add(batch, self.retention_days())
             except asyncio.CancelledError:
                 self._restore(batch)
                 raise
@@ -390,7 +395,7 @@ class Meter:
             delay = min(delay * 2, self.retry_max_s)
 
     def _failed(
-        self, batch: dict[tuple[str, str | None], UsageDelta], exc: Exception, failing: bool
+        self, batch: dict[tuple[str, str | None, str], UsageDelta], exc: Exception, failing: bool
     ) -> bool:
         self._restore(batch)
         metrics.REDIS_ERRORS.labels("usage").inc()
