@@ -186,7 +186,7 @@ NEW_TOKEN = "ab" * 32
             _set("rate_limits", "programs", "gpt-5.5-alpha", {"requests_per_minute": 5}),
             [
                 "+ rate_limits.programs.gpt-5.5-alpha: requests_per_minute 5, burst 60, "
-                "concurrent 50, shadow false"
+                "concurrent 50, shadow false, tokens_per_minute none"
             ],
         ),
         (
