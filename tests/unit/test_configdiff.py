@@ -413,6 +413,8 @@ def test_every_declared_setting_shows_in_the_diff_by_its_declaration(
         value: Any = not current
     elif path == "pricing.cached_input_discount":
         value = current / 2
+    elif current is None:  # an optional number left unset (e.g. tokens_per_minute)
+        value = 1000
     else:
         value = current + 1
     new = copy.deepcopy(BASE)
