@@ -57,6 +57,7 @@ class Admission:
     refused: web.StreamResponse | None = None
     headers: Mapping[str, str] | None = None  # set on the response before its first byte
     release: Callable[[], Awaitable[None]] | None = None  # run when the request ends
+    on_tokens: Callable[[int], None] | None = None  # the metered tokens of the answer
 
 
 ADMITTED = Admission()
@@ -336,6 +337,7 @@ class DataPlane:
                 program,
                 started,
                 hide_usage,
+                admission.on_tokens,
             )
         finally:
             if admission.release is not None:
@@ -419,6 +421,7 @@ class DataPlane:
         program: str,
         started: float,
         hide_usage: bool,
+        on_tokens: Callable[[int], None] | None,
     ) -> web.StreamResponse:
         cfg = snap.config
         upstream = cfg.upstreams[upstream_name]
@@ -474,9 +477,11 @@ class DataPlane:
         if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
             # (a small body goes out when this returns, after one JSON parse).
-            self.meter.record(
+            usage = self.meter.record(
                 facts.workspace.workspace_id, program, product, model, result, cfg.pricing
             )
+            if usage is not None and on_tokens is not None:
+                on_tokens(usage.prompt + usage.output)
         self._count(product, program, "ok", started)
         return result.response
 
