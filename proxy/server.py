@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy import config as config_mod
-from proxy import identity, metrics
+from proxy import identity, metrics, startup
 from proxy.admin.api import AdminContext, admin_app
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
@@ -50,6 +50,7 @@ log = logging.getLogger("access_proxy")
 ENV_REDIS_URL = "REDIS_URL"
 ENV_WORKER = "ACCESS_PROXY_WORKER"
 ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_OF_EMBEDDED = "embedded"
 
 
 def redis_url_for(cfg: Config) -> str:
@@ -131,30 +132,38 @@ class Proxy:
         self.data_runner = web.ServerRunner(
             server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
         )
-        await self.data_runner.setup()
-        data_site = web.TCPSite(
-            self.data_runner,
-            cfg.listen.host,
-            self.data_port if self.data_port is not None else cfg.listen.port,
-            reuse_port=self.reuse_port or None,
-            backlog=1024,
-        )
-        await data_site.start()
-
         self.admin_runner = web.AppRunner(
             self._admin_app(), shutdown_timeout=5.0, handle_signals=False, access_log=None
         )
+        await self.data_runner.setup()
         await self.admin_runner.setup()
-        admin_site = web.TCPSite(
+        await self._bind(
+            self.data_runner,
+            "data listener",
+            "listen.port",
+            cfg.listen.host,
+            self.data_port if self.data_port is not None else cfg.listen.port,
+            backlog=1024,
+        )
+        await self._bind(
             self.admin_runner,
+            "admin listener",
+            "admin.listen.port",
             cfg.admin.listen.host,
             self.admin_port if self.admin_port is not None else cfg.admin.listen.port,
-            reuse_port=self.reuse_port or None,
         )
-        await admin_site.start()
         self.data_port = _bound_port(self.data_runner)
         self.admin_port = _bound_port(self.admin_runner)
         metrics.CONFIG_INFO.labels(cfg.version).set(1)
+
+    async def _bind(
+        self, runner: web.BaseRunner, what: str, setting: str, host: str, port: int, **kw: Any
+    ) -> None:
+        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None, **kw)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise startup.bind_error(what, setting, host, port, exc) from None
 
     def _config_swapped(self, old: Config, new: Config) -> None:
         """Apply what lives outside the snapshot: the Redis deadline and breaker settings."""
@@ -238,18 +247,25 @@ async def build_proxy(
     reuse_port: bool = False,
     config_path: str | None = None,
 ) -> Proxy:
-    """Wire a Proxy for ``cfg``, starting the embedded Redis when the URL says so."""
+    """Wire a Proxy for ``cfg``, starting the embedded Redis when the URL says so.
+
+    Raises :class:`StartupError` (one line: cause and fix) for what an operator can fix.
+    """
     url = redis_url or redis_url_for(cfg)
+    embedded_here = url == "embedded"
+    # A worker of a supervisor that runs the embedded Redis shares its state directory.
+    own_state = embedded_here or os.environ.get(ENV_WORKER) == WORKER_OF_EMBEDDED
+    pepper_here = own_state and not (os.environ.get(cfg.keys.pepper_env) or cfg.keys.pepper_file)
+    if embedded_here or pepper_here:
+        startup.state_dir(cfg.state_dir)
+    peppers = startup.peppers(cfg, cfg.state_dir if own_state else None)
     embedded: RedisServer | None = None
-    if url == "embedded":
+    if embedded_here:
         embedded = embedded_redis(cfg)
-        await embedded.start()
+        await startup.start_embedded(embedded)
         url = embedded.url
-    peppers = identity.load_peppers(
-        cfg.keys.pepper_env,
-        cfg.keys.pepper_file,
-        cfg.state_dir if (embedded is not None or os.environ.get(ENV_WORKER)) else None,
-    )
+    else:
+        await startup.redis_reachable(url)
     return Proxy(
         Holder(cfg),
         url,
@@ -269,7 +285,14 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
         loop.add_signal_handler(sig, stop.set)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     proxy = await build_proxy(cfg, reuse_port=worker, config_path=cfg.source)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except BaseException:
+        with contextlib.suppress(Exception):  # a partial start: the first error is the one
+            await proxy.stop()
+        if proxy.embedded is not None:
+            await proxy.embedded.stop()
+        raise
     log.info(
         "access-proxy serving: data %s:%s, admin %s:%s, config %s",
         cfg.listen.host,
@@ -293,15 +316,24 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     redis: RedisServer | None = None
     env = dict(os.environ)
     url = redis_url_for(cfg)
-    if url == "embedded":
+    embedded = url == "embedded"
+    if embedded:
+        startup.state_dir(cfg.state_dir)
+    startup.peppers(cfg, cfg.state_dir if embedded else None)
+    # The workers bind with SO_REUSEPORT, which would share a port another process holds.
+    startup.port_free("data listener", "listen.port", cfg.listen.host, cfg.listen.port)
+    startup.port_free(
+        "admin listener", "admin.listen.port", cfg.admin.listen.host, cfg.admin.listen.port
+    )
+    if embedded:
         redis = embedded_redis(cfg)
-        redis.start_sync()
+        startup.start_embedded_sync(redis)
         env[ENV_REDIS_URL] = redis.url
-    peppers_dir = cfg.state_dir
-    identity.load_peppers(cfg.keys.pepper_env, cfg.keys.pepper_file, peppers_dir)
+    else:
+        asyncio.run(startup.redis_reachable(url))
     multiproc = tempfile.mkdtemp(prefix="access-proxy-metrics-")
     env[ENV_MULTIPROC] = multiproc
-    env[ENV_WORKER] = "1"
+    env[ENV_WORKER] = WORKER_OF_EMBEDDED if embedded else "1"
     cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", config_path, "--workers", "1"]
     procs: list[subprocess.Popen[bytes]] = []
     stop_signals: list[int] = []
@@ -357,9 +389,11 @@ def run_serve(config_path: str | None, workers: int) -> int:
     try:
         cfg = config_mod.load(config_path)
     except config_mod.ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
+        return startup.fail(startup.invalid_config(exc))
     path = cfg.source
-    if workers > 1 and not os.environ.get(ENV_WORKER):
-        return supervise(cfg, path, workers)
-    return asyncio.run(serve(cfg, worker=bool(os.environ.get(ENV_WORKER))))
+    try:
+        if workers > 1 and not os.environ.get(ENV_WORKER):
+            return supervise(cfg, path, workers)
+        return asyncio.run(serve(cfg, worker=bool(os.environ.get(ENV_WORKER))))
+    except startup.StartupError as exc:
+        return startup.fail(exc)
