@@ -44,6 +44,11 @@ def fail(exc: StartupError) -> int:
 
 
 def invalid_config(exc: ConfigError) -> StartupError:
+    if len(exc.issues) == 1 and exc.issues[0].message.startswith("cannot read file"):
+        return StartupError(
+            f"config file {exc.source}: {exc.issues[0].message}",
+            "pass --config PATH or set ACCESS_PROXY_CONFIG (relative paths start where you are)",
+        )
     first = exc.issues[0].format(exc.source) if exc.issues else exc.source
     more = len(exc.issues) - 1
     cause = f"invalid config {first}" + (f" (and {more} more)" if more > 0 else "")
