@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import config as config_mod
 from proxy import identity, metrics, startup
@@ -49,7 +49,7 @@ log = logging.getLogger("access_proxy")
 
 ENV_REDIS_URL = "REDIS_URL"
 ENV_WORKER = "ACCESS_PROXY_WORKER"
-ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+ENV_MULTIPROC = metrics.ENV_MULTIPROC
 WORKER_OF_EMBEDDED = "embedded"
 
 
@@ -59,16 +59,6 @@ def redis_url_for(cfg: Config) -> str:
 
 def embedded_redis(cfg: Config) -> RedisServer:
     return RedisServer(Path(cfg.state_dir) / "redis", persistent=True)
-
-
-def metrics_payload() -> bytes:
-    if os.environ.get(ENV_MULTIPROC):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry)
-    return generate_latest()
 
 
 @dataclass
@@ -208,7 +198,9 @@ class Proxy:
         return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=metrics_payload(), headers={"content-type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=metrics.exposition(), headers={"content-type": CONTENT_TYPE_LATEST}
+        )
 
     async def stop(self) -> None:
         """Turn /readyz to 503, stop accepting, drain in-flight requests (up to the grace)."""
