@@ -8,7 +8,6 @@ known labels from 0, ``process_*`` summed over the workers, one ``config_info`` 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,7 +28,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+from proxy import env
 
 # Series that a merged view of several processes cannot show are left out of one process too:
 # the *_created timestamps, and the garbage collector's per-process internals.
@@ -125,6 +124,18 @@ COST = Counter(
     "Metered cost in USD, by program and product.",
     ["program", "product"],
 )
+WEBSOCKET_SESSIONS = Gauge(
+    "access_proxy_websocket_sessions",
+    "WebSocket sessions open now, by product.",
+    ["product"],
+    multiprocess_mode="livesum",
+)
+WEBSOCKET_CLOSED = Counter(
+    "access_proxy_websocket_closed_total",
+    "WebSocket sessions ended, by product and reason: client, upstream, upstream_error, "
+    "shutdown, or the SPEC §3.4 code that ended access.",
+    ["product", "reason"],
+)
 
 
 def track_inflight(read: Callable[[], float], multiprocess: bool) -> Callable[[], None] | None:
@@ -142,7 +153,7 @@ def track_inflight(read: Callable[[], float], multiprocess: bool) -> Callable[[]
 
 def exposition() -> bytes:
     """The text of ``/metrics`` for this process, or for all workers when they share files."""
-    path = os.environ.get(ENV_MULTIPROC)
+    path = env.multiproc_dir()
     if not path:
         return generate_latest()
     registry = CollectorRegistry()
