@@ -19,6 +19,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ import aiohttp
 import yaml
 
 from proxy import config as config_mod
-from proxy import env
+from proxy import env, startup
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
 
+DEMO_CONFIG = "demo.yaml"
 ROLES = {
     "ops": ["operator"],
     "provider-review": ["approver:provider"],
@@ -39,7 +41,7 @@ ROLES = {
 }
 
 
-DEMO_TPM = 1000
+ALPHA = "gpt-5.5-alpha"  # paced by tokens_per_minute in proxy/demo.yaml
 BIG_PROMPT = {"x-mock-prompt-tokens": "300"}  # the mock answers with this many prompt tokens
 
 
@@ -52,11 +54,14 @@ class Case:
     expect: str
 
 
-def demo_config(
-    base: Path, port: int, admin_port: int, upstream_port: int
-) -> tuple[str, dict[str, str]]:
-    """The shipped config with the demo's ports and fresh admin tokens."""
-    data = yaml.safe_load(Path(base).read_text())
+def shipped_config() -> str:
+    """The demo's config, shipped inside the package (``proxy/demo.yaml``)."""
+    return resources.files("proxy").joinpath(DEMO_CONFIG).read_text()
+
+
+def demo_config(port: int, admin_port: int, upstream_port: int) -> tuple[str, dict[str, str]]:
+    """The shipped demo config with the demo's ports and fresh admin tokens."""
+    data = yaml.safe_load(shipped_config())
     tokens = {name: secrets.token_urlsafe(24) for name in ROLES}
     data["listen"] = {"host": "127.0.0.1", "port": port}
     data["admin"] = {
@@ -67,10 +72,6 @@ def demo_config(
         ],
     }
     data["upstreams"]["models"]["url"] = f"http://127.0.0.1:{upstream_port}"
-    data["pricing"]["models"]["gpt-5.6-terra"] = {"input": 5.0, "output": 20.0}
-    # The alpha is paced by tokens: each workspace gets DEMO_TPM tokens a minute of it.
-    programs = data.setdefault("rate_limits", {}).setdefault("programs", {})
-    programs.setdefault("gpt-5.5-alpha", {})["tokens_per_minute"] = DEMO_TPM
     return yaml.safe_dump(data, sort_keys=False), tokens
 
 
@@ -356,13 +357,15 @@ async def check_token_limit(
 ) -> list[str]:
     """initech-batch spends its alpha token budget with large prompts until it is refused."""
     statuses: list[str] = []
-    body = {"model": "gpt-5.5-alpha", "messages": [{"role": "user", "content": "hello"}]}
+    budget = "?"
+    body = {"model": ALPHA, "messages": [{"role": "user", "content": "hello"}]}
     headers = {"authorization": f"Bearer {keys['initech-batch']}", **BIG_PROMPT}
     for _ in range(10):
         async with session.post(
             f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers
         ) as resp:
             left = resp.headers.get("x-ratelimit-remaining-tokens", "?")
+            budget = resp.headers.get("x-ratelimit-limit-tokens", budget)
             if resp.status == 200:
                 statuses.append(f"200 ({left} left)")
                 continue
@@ -370,34 +373,44 @@ async def check_token_limit(
             statuses.append(f"{resp.status} {code}, retry-after {resp.headers.get('retry-after')}s")
             break
     refused = statuses[-1].startswith("429 rate_limit_exceeded")
-    title = f"token limit: {DEMO_TPM} tokens/min of the alpha"
+    title = f"token limit: {budget} tokens/min of the alpha"
     return [f"  {'ok ' if refused else '?? '}{title:<52} -> {', '.join(statuses)}"]
 
 
 async def demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
-    text, tokens = demo_config(
-        Path("config/proxy.yaml"), args.port, args.admin_port, args.upstream_port
-    )
+    startup.state_dir(str(state))
+    text, tokens = demo_config(args.port, args.admin_port, args.upstream_port)
     cfg_path = state / "proxy.yaml"
     cfg_path.write_text(text)
     env.set_default("UPSTREAM_API_KEY", "demo-upstream-key")
     cfg = config_mod.load(str(cfg_path))
+    for what, flag, port in (
+        ("data listener", "--port", args.port),
+        ("admin listener", "--admin-port", args.admin_port),
+        ("mock upstream", "--upstream-port", args.upstream_port),
+    ):
+        startup.port_free(what, flag, "127.0.0.1", port)
 
     redis = RedisServer(state / "redis", persistent=False)
-    await redis.start()
+    await startup.start_embedded(redis)
     upstream = MockUpstream()
-    await upstream.start("127.0.0.1", args.upstream_port)
-    env.set_default("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
-    proxy = await build_proxy(cfg, redis_url=redis.url, config_path=str(cfg_path))
-    await proxy.start()
+    proxy = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        try:
+            await upstream.start("127.0.0.1", args.upstream_port)
+        except OSError as exc:
+            raise startup.bind_error(
+                "mock upstream", "--upstream-port", "127.0.0.1", args.upstream_port, exc
+            ) from None
+        env.set_default("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
+        proxy = await build_proxy(cfg, redis_url=redis.url, config_path=str(cfg_path))
+        await proxy.start()
         async with aiohttp.ClientSession() as session:
             admin = AdminCalls(session, f"http://127.0.0.1:{args.admin_port}", tokens)
             keys, cases = await seed(admin)
@@ -407,7 +420,9 @@ async def demo(args: argparse.Namespace) -> int:
         print(report(args, tokens, keys, cases, admin.commands, results), flush=True)
         await stop.wait()
     finally:
-        await proxy.stop()
+        if proxy is not None:
+            with contextlib.suppress(Exception):  # after a failed start, the first error counts
+                await proxy.stop()
         await upstream.stop()
         await redis.stop()
     return 0
@@ -455,7 +470,7 @@ def report(
         "  # realtime: a WebSocket upgrade without a grant is refused before upgrading",
         f"  curl -si 'http://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol' {_WS_HEADERS} "
         f"-H 'authorization: Bearer {keys['initech-lab']}'",
-        f"  # token limit: {DEMO_TPM} tokens a minute of the alpha per workspace; the mock",
+        "  # token limit: the alpha's tokens_per_minute holds per workspace; the mock",
         "  # answers with 300 prompt tokens here: a few calls spend it, the next is refused",
         f"  curl -si http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer "
         f"{keys['initech-lab']}' -H 'content-type: application/json' -H "
@@ -471,6 +486,8 @@ def report(
         "  # why a request is refused",
         f"  curl -s 'http://127.0.0.1:{admin_port}/admin/v1/explain?workspace=globex-main"
         f"&product=api&model=gpt-5.6-sol' -H 'authorization: Bearer {tokens['dashboards']}'",
+        "  # the same through the operator CLI (after the two exports above)",
+        "  access-proxy admin explain --workspace globex-main --product api --model gpt-5.6-sol",
         "",
         "With the openai SDK:",
         "  python - <<'EOF'",
@@ -509,6 +526,9 @@ def report(
 
 def run_demo(args: argparse.Namespace) -> int:
     configure_logging()
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(demo(args))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(demo(args))
+    except startup.StartupError as exc:
+        return startup.fail(exc)
     return 0
