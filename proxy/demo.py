@@ -25,7 +25,7 @@ import aiohttp
 import yaml
 
 from proxy import config as config_mod
-from proxy import env
+from proxy import env, eventloop
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
@@ -460,5 +460,5 @@ def report(
 def run_demo(args: argparse.Namespace) -> int:
     configure_logging()
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(demo(args))
+        return eventloop.run(demo(args))
     return 0

@@ -50,6 +50,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from proxy import eventloop
 from proxy.mock_realtime import Realtime
 
 DEFAULT_MODELS: Final = (
@@ -928,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         await run_forever(upstream, host=args.host, port=args.port, until=stopping, on_ready=ready)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+        eventloop.run(serve())
     return 0
 
 
