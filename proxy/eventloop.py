@@ -17,6 +17,9 @@ from proxy import env
 T = TypeVar("T")
 
 
+FIX = "pip install 'access-proxy[uvloop]', or unset ACCESS_PROXY_LOOP"
+
+
 class LoopUnavailable(RuntimeError):
     """``ACCESS_PROXY_LOOP=uvloop`` where uvloop is not installed."""
 
@@ -26,9 +29,7 @@ def chosen() -> str:
     wanted = env.event_loop()
     installed = importlib.util.find_spec("uvloop") is not None
     if wanted == "uvloop" and not installed:
-        raise LoopUnavailable(
-            f"{env.LOOP}=uvloop but uvloop is not installed: pip install 'access-proxy[uvloop]'"
-        )
+        raise LoopUnavailable(f"{env.LOOP}=uvloop but uvloop is not installed")
     if wanted in ("uvloop", "auto") and installed:
         return "uvloop"
     return "asyncio"
