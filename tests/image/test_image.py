@@ -170,7 +170,6 @@ def container_config(tmp: Path, mock_url: str, data_port: int, admin_port: int) 
     doc["upstreams"]["models"]["url"] = mock_url
     doc["keys"] = {"pepper_file": "/run/secrets/access-proxy/pepper"}
     doc["shutdown_grace_s"] = 30
-    doc["state_dir"] = "/var/lib/access-proxy/state"
     config_dir, secret_dir = tmp / "config", tmp / "secrets"
     for d in (config_dir, secret_dir):
         d.mkdir()
