@@ -26,7 +26,7 @@ import aiohttp
 import yaml
 
 from proxy import config as config_mod
-from proxy import env, startup
+from proxy import env, eventloop, startup
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
@@ -479,7 +479,9 @@ def run_demo(args: argparse.Namespace) -> int:
     configure_logging()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            return asyncio.run(demo(args))
+            return eventloop.run(demo(args))
+    except eventloop.LoopUnavailable as exc:
+        return startup.fail(startup.StartupError(str(exc), eventloop.FIX))
     except startup.StartupError as exc:
         return startup.fail(exc)
     return 0
