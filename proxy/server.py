@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import config as config_mod
-from proxy import env, identity, metrics, startup
+from proxy import env, eventloop, identity, metrics, startup
 from proxy.admin.api import AdminContext, admin_app
 from proxy.background import Task, every
 from proxy.config import Config
@@ -195,6 +195,7 @@ class Proxy:
             "redis": "ok" if redis_ok else "unreachable",
             "invalidation": "subscribed" if self.subscriber.connected.is_set() else "down",
             "draining": self.draining,
+            "event_loop": eventloop.running(),
         }
         return web.json_response(body, status=200 if ready else 503)
 
@@ -378,6 +379,8 @@ def run_serve(config_path: str | None, workers: int) -> int:
     try:
         if workers > 1 and not env.is_worker():
             return supervise(cfg, path, workers)
-        return asyncio.run(serve(cfg, worker=env.is_worker()))
+        return eventloop.run(serve(cfg, worker=env.is_worker()))
+    except eventloop.LoopUnavailable as exc:
+        return startup.fail(startup.StartupError(str(exc), eventloop.FIX))
     except startup.StartupError as exc:
         return startup.fail(exc)
