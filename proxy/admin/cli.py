@@ -271,41 +271,26 @@ def standing_clear(c: AdminClient, a: argparse.Namespace) -> Output:
     return Output(data, "flags cleared\n" + standing_text(data))
 
 
-def usage_text(data: dict[str, Any]) -> str:
-    rows = [{"model": "(all)", **data}]
-    rows += [{"model": model, **totals} for model, totals in (data.get("models") or {}).items()]
+def _usage_table(rows: list[dict[str, Any]], first: str) -> str:
+    """Usage rows (totals with their ``tokens`` by kind) as a table led by column ``first``."""
     for row in rows:
         row.update(row.get("tokens") or {})
         row["cost_usd"] = f"{float(row.get('cost_usd') or 0):.6f}"
-    columns = (
-        ("model", "model"),
-        ("requests", "requests"),
-        ("input", "input"),
-        ("cached_input", "cached_input"),
-        ("cache_write", "cache_write"),
-        ("output", "output"),
-        ("cost_usd", "cost_usd"),
-    )
-    return f"workspace  {data.get('workspace')}\n" + table(rows, columns)
+    names = (first, "requests", "input", "cached_input", "cache_write", "output", "cost_usd")
+    return table(rows, tuple((name, name) for name in names))
+
+
+def usage_text(data: dict[str, Any]) -> str:
+    rows = [{"model": "(all)", **data}]
+    rows += [{"model": model, **totals} for model, totals in (data.get("models") or {}).items()]
+    return f"workspace  {data.get('workspace')}\n" + _usage_table(rows, "model")
 
 
 def usage_days_text(data: dict[str, Any]) -> str:
     rows = [{"day": day.get("date"), **day} for day in data.get("days") or []]
     rows.append({"day": "(sum)", **data})
-    for row in rows:
-        row.update(row.get("tokens") or {})
-        row["cost_usd"] = f"{float(row.get('cost_usd') or 0):.6f}"
-    columns = (
-        ("day", "day"),
-        ("requests", "requests"),
-        ("input", "input"),
-        ("cached_input", "cached_input"),
-        ("cache_write", "cache_write"),
-        ("output", "output"),
-        ("cost_usd", "cost_usd"),
-    )
     head = f"workspace  {data.get('workspace')}  {data.get('from')} .. {data.get('to')} (UTC)"
-    return head + "\n" + table(rows, columns)
+    return head + "\n" + _usage_table(rows, "day")
 
 
 def usage_show(c: AdminClient, a: argparse.Namespace) -> Output:
