@@ -87,7 +87,7 @@ class Proxy:
     async def start(self) -> None:
         cfg = self.holder.current.config
         self.fast_redis = make_client(self.redis_url, timeout_s=cfg.redis.timeout_ms / 1000)
-        self.admin_redis = make_client(self.redis_url, timeout_s=5.0)
+        self.admin_redis = make_client(self.redis_url, timeout_s=5.0, reconnect=True)
         self.sub_redis = make_client(self.redis_url, timeout_s=None)
         self.cache: FactCache[Any] = FactCache(cfg.cache.max_entries)
         self.gate = Gate(

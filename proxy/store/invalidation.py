@@ -1,6 +1,7 @@
 """Cache invalidation across replicas (SPEC §5): every change publishes the cache keys it
-touched; every replica subscribes and evicts them. A replica that (re)subscribes drops its whole
-cache first, because messages published while it was away are lost to it."""
+touched; every replica subscribes and evicts them. A replica that (re)subscribes makes its whole
+cache stale first, because messages published while it was away are lost to it: every entry is
+re-read on its next lookup, and still answers (within the stale window) while Redis cannot."""
 
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ class Subscriber:
                 self.cache.invalidate(key)
 
     async def _run(self) -> None:
-        # Anything published while not subscribed is lost: start from nothing on each subscribe.
+        # Anything published while not subscribed is lost: revalidate everything on each
+        # subscribe, without dropping what can still answer if Redis is not back for reads yet.
         await subscribe_forever(
             self.redis,
             INVALIDATION_CHANNEL,
-            on_subscribed=self.cache.clear,
+            on_subscribed=self.cache.revalidate_all,
             on_message=self.apply,
             connected=self.connected,
             what="invalidation",
