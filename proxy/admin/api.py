@@ -156,7 +156,8 @@ async def _body(
     for name in data:
         if name not in required and name not in optional:
             allowed = ", ".join((*required, *optional)) or "none"
-            raise ApiError("invalid_body", f"unknown field {name!r} (allowed: {allowed})", name)
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise ApiError("invalid_body", f"unknown field {shown!r} (allowed: {allowed})", name)
     for name in required:
         if data.get(name) is None:
             raise ApiError("invalid_body", f"{name} is required", name)

@@ -1,9 +1,11 @@
 """Admin request bodies as JSON objects, refused with the field to blame (SPEC §7).
 
 A body must be UTF-8 JSON whose top level is an object. Nesting deeper than ``MAX_DEPTH`` is
-refused before parsing (a deep document would exhaust the parser's recursion), and a string with
-an unpaired surrogate (``"\\udfff"`` is valid JSON but no text) is refused after it, each naming
-the top-level field it sits in, so no admin body can reach the store in a shape it cannot write.
+refused before parsing (a deep document would exhaust the parser's recursion); a string with an
+unpaired surrogate (``"\\udfff"`` is valid JSON but no text), a string longer than
+``MAX_STRING`` or a list or object of more than ``MAX_ITEMS`` is refused after it. Each names the
+top-level field it sits in, so no admin body reaches the store in a shape it cannot write.
+Endpoints then check their own fields more narrowly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import re
 from typing import Any
 
 MAX_DEPTH = 64
+MAX_STRING = 10_000
+MAX_ITEMS = 1_000
 
 # A JSON string (with an optional ``:`` after it: an object key), or a bracket.
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"(\s*:)?|[\[\]{}]', re.DOTALL)
@@ -53,19 +57,25 @@ def _key_text(literal: str) -> str | None:
     return key if isinstance(key, str) and not _SURROGATE.search(key) else None
 
 
-def _has_surrogate(value: Any) -> bool:
+def _value_problem(value: Any) -> str | None:
+    """What makes ``value`` unacceptable anywhere in a body, or None."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
             if _SURROGATE.search(item):
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+                return "holds an unpaired surrogate (not valid text)"
+            if len(item) > MAX_STRING:
+                return f"holds a string longer than {MAX_STRING} characters"
+        elif isinstance(item, dict | list):
+            if len(item) > MAX_ITEMS:
+                return f"holds more than {MAX_ITEMS} items"
+            if isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            else:
+                stack.extend(item)
+    return None
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
@@ -87,8 +97,7 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BodyInvalid("the body must be a JSON object")
     for name, value in data.items():
-        if _SURROGATE.search(name):
-            raise BodyInvalid("a field name holds an unpaired surrogate (not valid text)")
-        if _has_surrogate(value):
-            raise BodyInvalid(f"{name} holds an unpaired surrogate (not valid text)", name)
+        problem = _value_problem(value)
+        if problem is not None:
+            raise BodyInvalid(f"{name} {problem}", name)
     return data

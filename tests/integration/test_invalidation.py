@@ -16,11 +16,11 @@ from proxy import config, identity
 from proxy.config import CacheConfig
 from proxy.policy import Flag
 from proxy.redis_server import RedisServer
+from proxy.store import schema
 from proxy.store.cache import MISSING, FactCache
 from proxy.store.connection import Breaker, Gate, make_client
 from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
-from proxy.store import schema
 from proxy.store.schema import INVALIDATION_CHANNEL
 from proxy.store.writes import Actor, Writes
 from tests.conftest import wait_until
