@@ -39,6 +39,7 @@ _TABLE = (
     ErrorCode("invalid_api_key", 401, "Incorrect or missing API key."),
     ErrorCode("workspace_suspended", 403, "This workspace is suspended."),
     ErrorCode("request_too_large", 413, "The request body is too large."),
+    ErrorCode("request_timeout", 408, "The request did not arrive in time."),
     ErrorCode("invalid_request", 400, "The request is not valid."),
     ErrorCode("product_unavailable", 403, "This model is not available on this product."),
     ErrorCode(

@@ -29,9 +29,10 @@ from proxy import env, identity, metrics
 from proxy.admin.api import AdminContext, admin_app
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
-from proxy.dataplane.app import DataPlane, DataServer, Hooks
+from proxy.dataplane.app import DataPlane, Hooks
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
+from proxy.dataplane.protocol import DataServer
 from proxy.dataplane.websocket import Sessions
 from proxy.metering import Meter
 from proxy.redis_server import RedisServer
@@ -122,7 +123,12 @@ class Proxy:
         self.inflight_task = asyncio.create_task(_every(1.0, copy)) if copy else None
 
         # No access log on the data listener: no per-request logging on the hot path.
-        server = DataServer(self.dataplane.handle, handler_cancellation=True, access_log=None)
+        server = DataServer(
+            self.dataplane.handle,
+            timeouts=self._client_timeouts,
+            handler_cancellation=True,
+            access_log=None,
+        )
         self.data_runner = web.ServerRunner(
             server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
         )
@@ -150,6 +156,11 @@ class Proxy:
         self.data_port = _bound_port(self.data_runner)
         self.admin_port = _bound_port(self.admin_runner)
         metrics.CONFIG_INFO.labels(cfg.version).set(1)
+
+    def _client_timeouts(self) -> tuple[float, float]:
+        """The slow-client limits for a new connection, from the live config."""
+        limits = self.holder.current.config.limits
+        return limits.client_header_timeout_s, limits.client_body_timeout_s
 
     def _config_swapped(self, old: Config, new: Config) -> None:
         """Apply what lives outside the snapshot: the Redis deadline and breaker settings."""

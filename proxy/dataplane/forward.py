@@ -17,7 +17,9 @@ Timeouts, each independent of the others:
   response rather than a clean end.
 
 Before the client response starts every failure raises :class:`UpstreamError`, and the caller
-writes the error body. After it starts, failures end in a :class:`ForwardResult` with
+writes the error body: 504 ``upstream_timeout`` only when one of the timeouts expired; an upstream
+that closes, resets or breaks HTTP framing (also mid-way through a small body of declared length)
+is 502 ``upstream_unavailable``. After it starts, failures end in a :class:`ForwardResult` with
 ``completed=False``; the client connection has then been closed, and aiohttp will cancel the
 handler task at its next await when it runs with ``handler_cancellation=True``.
 
@@ -196,8 +198,10 @@ async def forward(
             # A small body of known length is usually in hand already: answer it in one write.
             try:
                 whole = await content.read()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except TimeoutError as exc:  # idle_s passed with the body unfinished
                 raise UpstreamError("upstream_timeout", "upstream stalled mid-body") from exc
+            except (aiohttp.ClientError, OSError) as exc:  # closed, reset or broken framing
+                raise UpstreamError("upstream_unavailable", "upstream broke off mid-body") from exc
             if len(whole) == declared:
                 response = web.Response(
                     status=status, reason=upstream_resp.reason, body=whole, headers=response.headers
