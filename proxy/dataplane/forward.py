@@ -31,13 +31,14 @@ and ``forward`` returns ``completed=False``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -124,6 +125,19 @@ def _sse_tail(tail: bytearray, trimmed: bool) -> bytes:
     return bytes(tail)
 
 
+def _end_unfinished(content: StreamReader, closed: asyncio.Future[None]) -> None:
+    """End a body whose upstream connection closed before it did.
+
+    When the upstream breaks chunked framing mid-body, aiohttp's client closes the connection but
+    leaves the body waiting for data forever (no timeout runs on a closed connection); this makes
+    the next read fail instead, so the client's connection is cut rather than left hanging.
+    """
+    if not closed.cancelled():
+        closed.exception()  # retrieved: a lost connection is expected here, not an error
+    if not content.is_eof() and content.exception() is None:
+        content.set_exception(aiohttp.ClientPayloadError("upstream connection closed mid-body"))
+
+
 def _abort_client(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
@@ -176,6 +190,9 @@ async def forward(
             if protocol is not None:
                 protocol.read_timeout = timeouts.idle_s
                 protocol.start_timeout()
+                closed = protocol.closed
+                if closed is not None:
+                    closed.add_done_callback(functools.partial(_end_unfinished, content))
 
         upstream_headers = upstream_resp.headers
         if on_upstream_headers is not None:

@@ -111,6 +111,11 @@ class DataRequestHandler(RequestHandler):
         for i in range(len(messages) - count, len(messages)):
             msg, payload = messages[i]
             if isinstance(msg, _ErrInfo):
+                body = self._body
+                if body is not None and not body.is_eof():
+                    # The parser failed inside a body being read (a bad chunk): fail the read,
+                    # so the handler answers 400 instead of waiting for bytes that never come.
+                    body.set_exception(msg.exc)
                 continue
             problem = request_line_error(msg)
             if problem is not None:
@@ -167,6 +172,15 @@ class DataRequestHandler(RequestHandler):
         self.force_close()  # closes the transport once the 408 is flushed; cancels the handler
 
     # ------------------------------------------------------------------ errors
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's one place for logging what escaped a request: a client's broken framing or
+        a client gone is not a fault of ours, so it gets no traceback; anything else does."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError | ConnectionError):
+            log.debug("client error: %s", exc)
+            return
+        super().log_exception(*args, **kw)
 
     def handle_error(
         self,

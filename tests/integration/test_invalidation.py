@@ -28,9 +28,7 @@ from tests.conftest import wait_until
 MISUSE = config.load(Path(__file__).resolve().parents[2] / "config" / "proxy.yaml").misuse
 ACTOR = Actor("test-operator", "test")
 PEPPERS = identity.parse_peppers("v1:invalidation-test-pepper-0123456789")
-LONG = CacheConfig(
-    ttl_seconds=60, stale_if_error_seconds=300, max_entries=1000
-)
+LONG = CacheConfig(ttl_seconds=60, stale_if_error_seconds=300, max_entries=1000)
 # Far above the 100 ms target, so a loaded machine cannot fail it; the measured time is printed.
 PROPAGATION_BOUND_S = 1.0
 
