@@ -86,7 +86,11 @@ class Proxy:
         self.gate = Gate.of(cfg.redis)
         self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
         self.writes = Writes(self.admin_redis)
-        self.subscriber = Subscriber(self.sub_redis, self.cache)
+        # A resubscribe shows Redis answering again: the breaker tries at once, so what changed
+        # while this replica was cut off is read on the next lookup (SPEC §5).
+        self.subscriber = Subscriber(
+            self.sub_redis, self.cache, on_reconnect=self.gate.breaker.retry_now
+        )
         self.subscriber.start()
         self.limiter = RateLimiter(self.fast_redis, self.gate, secrets.token_hex(6))
         await self.limiter.start()

@@ -69,6 +69,10 @@ class Breaker:
     def success(self) -> None:
         self._count = 0
 
+    def retry_now(self) -> None:
+        """Let the next call through as a trial at once (Redis was seen answering again)."""
+        self._open_until = 0.0
+
     def failure(self) -> None:
         self._count += 1
         if self._count >= self.failures:

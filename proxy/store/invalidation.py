@@ -31,9 +31,16 @@ async def publish(redis: aioredis.Redis, keys: list[str]) -> None:
 class Subscriber:
     """Keeps one subscription alive, reconnecting with backoff; evicts on every message."""
 
-    def __init__(self, url_client: aioredis.Redis, cache: FactCache[object]) -> None:
+    def __init__(
+        self,
+        url_client: aioredis.Redis,
+        cache: FactCache[object],
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
         self.redis = url_client
         self.cache = cache
+        # Told when a subscription is made: Redis answers again (the hot path's breaker may try).
+        self.on_reconnect = on_reconnect
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.listeners: list[Callable[[Iterable[str] | None], None]] = []
@@ -59,6 +66,8 @@ class Subscriber:
 
     def _revalidate(self) -> None:
         self.cache.revalidate_all()
+        if self.on_reconnect is not None:
+            self.on_reconnect()
         self._tell(None)
 
     def _tell(self, keys: Iterable[str] | None) -> None:
