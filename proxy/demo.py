@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ import aiohttp
 import yaml
 
 from proxy import config as config_mod
-from proxy import env
+from proxy import env, startup
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
 
+DEMO_CONFIG = "demo.yaml"
 ROLES = {
     "ops": ["operator"],
     "provider-review": ["approver:provider"],
@@ -47,11 +49,14 @@ class Case:
     expect: str
 
 
-def demo_config(
-    base: Path, port: int, admin_port: int, upstream_port: int
-) -> tuple[str, dict[str, str]]:
-    """The shipped config with the demo's ports and fresh admin tokens."""
-    data = yaml.safe_load(Path(base).read_text())
+def shipped_config() -> str:
+    """The demo's config, shipped inside the package (``proxy/demo.yaml``)."""
+    return resources.files("proxy").joinpath(DEMO_CONFIG).read_text()
+
+
+def demo_config(port: int, admin_port: int, upstream_port: int) -> tuple[str, dict[str, str]]:
+    """The shipped demo config with the demo's ports and fresh admin tokens."""
+    data = yaml.safe_load(shipped_config())
     tokens = {name: secrets.token_urlsafe(24) for name in ROLES}
     data["listen"] = {"host": "127.0.0.1", "port": port}
     data["admin"] = {
@@ -62,7 +67,6 @@ def demo_config(
         ],
     }
     data["upstreams"]["models"]["url"] = f"http://127.0.0.1:{upstream_port}"
-    data["pricing"]["models"]["gpt-5.6-terra"] = {"input": 5.0, "output": 20.0}
     return yaml.safe_dump(data, sort_keys=False), tokens
 
 
@@ -75,9 +79,12 @@ class AdminCalls:
         self.tokens = tokens
         self.commands: list[str] = []
 
-    async def call(self, who: str, method: str, path: str, body: Any, cli: str) -> Any:
+    async def call(
+        self, who: str, method: str, path: str, body: Any, cli: str, refused: int | None = None
+    ) -> Any:
+        """One call; with ``refused``, the call must be refused with that status."""
         token = "" if who == "ops" else f" --token {self.tokens[who]}"
-        self.commands.append(f"access-proxy admin {cli}{token}")
+        command = f"access-proxy admin {cli}{token}"
         async with self.session.request(
             method,
             self.url + path,
@@ -85,17 +92,26 @@ class AdminCalls:
             headers={"authorization": f"Bearer {self.tokens[who]}"},
         ) as resp:
             doc = await resp.json() if resp.status != 204 else None
-            if resp.status >= 300:
+            if (resp.status >= 300) != (refused is not None) or (
+                refused and resp.status != refused
+            ):
                 raise RuntimeError(f"{method} {path} -> {resp.status}: {doc}")
-            return doc
+        if refused is not None:
+            command += f"   # refused: {refused} {(doc or {}).get('error', {}).get('code')}"
+        self.commands.append(command)
+        return doc
 
 
 async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
     a = admin.call
-    await a("ops", "POST", "/admin/v1/orgs", {"id": "acme", "name": "Acme"}, "orgs create acme")
-    await a(
-        "ops", "POST", "/admin/v1/orgs", {"id": "globex", "name": "Globex"}, "orgs create globex"
-    )
+    for org, name, rep in (("acme", "Acme", "Dana Reyes"), ("globex", "Globex", "Sam Okafor")):
+        await a(
+            "ops",
+            "POST",
+            "/admin/v1/orgs",
+            {"id": org, "name": name, "account_representative": rep},
+            f"orgs create {org} --account-rep '{rep}'",
+        )
     await a(
         "ops", "POST", "/admin/v1/orgs", {"id": "initech", "name": "Initech"}, "orgs create initech"
     )
@@ -193,6 +209,16 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
     g = await grant("org:initech", "gpt-5.5-alpha", "api")
     await approve(g, ("provider",))
     await enable(g)
+    # Hooli works with no account representative: the preview cannot even be requested for it.
+    await a("ops", "POST", "/admin/v1/orgs", {"id": "hooli"}, "orgs create hooli")
+    await a(
+        "ops",
+        "POST",
+        "/admin/v1/grants",
+        {"program": "gpt-5.6-preview", "product": "api", "subject": "org:hooli"},
+        "grants request --program gpt-5.6-preview --product api --subject org:hooli",
+        refused=422,
+    )
     # acme-contractors: the workspace is suspended by an operator.
     await a(
         "ops",
@@ -316,27 +342,37 @@ async def check_realtime(
 async def demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
-    text, tokens = demo_config(
-        Path("config/proxy.yaml"), args.port, args.admin_port, args.upstream_port
-    )
+    startup.state_dir(str(state))
+    text, tokens = demo_config(args.port, args.admin_port, args.upstream_port)
     cfg_path = state / "proxy.yaml"
     cfg_path.write_text(text)
     env.set_default("UPSTREAM_API_KEY", "demo-upstream-key")
     cfg = config_mod.load(str(cfg_path))
+    for what, flag, port in (
+        ("data listener", "--port", args.port),
+        ("admin listener", "--admin-port", args.admin_port),
+        ("mock upstream", "--upstream-port", args.upstream_port),
+    ):
+        startup.port_free(what, flag, "127.0.0.1", port)
 
     redis = RedisServer(state / "redis", persistent=False)
-    await redis.start()
+    await startup.start_embedded(redis)
     upstream = MockUpstream()
-    await upstream.start("127.0.0.1", args.upstream_port)
-    env.set_default("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
-    proxy = await build_proxy(cfg, redis_url=redis.url, config_path=str(cfg_path))
-    await proxy.start()
+    proxy = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        try:
+            await upstream.start("127.0.0.1", args.upstream_port)
+        except OSError as exc:
+            raise startup.bind_error(
+                "mock upstream", "--upstream-port", "127.0.0.1", args.upstream_port, exc
+            ) from None
+        env.set_default("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
+        proxy = await build_proxy(cfg, redis_url=redis.url, config_path=str(cfg_path))
+        await proxy.start()
         async with aiohttp.ClientSession() as session:
             admin = AdminCalls(session, f"http://127.0.0.1:{args.admin_port}", tokens)
             keys, cases = await seed(admin)
@@ -345,7 +381,9 @@ async def demo(args: argparse.Namespace) -> int:
         print(report(args, tokens, keys, cases, admin.commands, results), flush=True)
         await stop.wait()
     finally:
-        await proxy.stop()
+        if proxy is not None:
+            with contextlib.suppress(Exception):  # after a failed start, the first error counts
+                await proxy.stop()
         await upstream.stop()
         await redis.stop()
     return 0
@@ -399,6 +437,8 @@ def report(
         "  # why a request is refused",
         f"  curl -s 'http://127.0.0.1:{admin_port}/admin/v1/explain?workspace=globex-main"
         f"&product=api&model=gpt-5.6-sol' -H 'authorization: Bearer {tokens['dashboards']}'",
+        "  # the same through the operator CLI (after the two exports above)",
+        "  access-proxy admin explain --workspace globex-main --product api --model gpt-5.6-sol",
         "",
         "With the openai SDK:",
         "  python - <<'EOF'",
@@ -437,6 +477,9 @@ def report(
 
 def run_demo(args: argparse.Namespace) -> int:
     configure_logging()
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(demo(args))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            return asyncio.run(demo(args))
+    except startup.StartupError as exc:
+        return startup.fail(exc)
     return 0

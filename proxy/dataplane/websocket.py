@@ -58,7 +58,7 @@ TRY_AGAIN_CLOSE = 1013  # RFC 6455: try again later (facts unavailable)
 _MAX_SWEEP_S = 1.0
 _CLOSE_TIMEOUT_S = 5.0
 # Close codes that name a state, not a code a peer may send (RFC 6455 §7.4.1).
-_UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
+_UNSENDABLE = {1004: 1000, 1005: 1000, 1006: 1011, 1015: 1011}
 _QUERY_SPLITS = (re.compile("&"), re.compile("[&;]"))
 _SUBPROTOCOL_KEY = hdrs.SUBPROTOCOL_KEY_PREFIX
 
@@ -134,9 +134,12 @@ def error_event(code: str, message: str | None = None, event_id: Any = None) -> 
 
 
 def _sendable(code: int | None) -> int:
-    if code is None:
+    """A close code this side may send for the one the other side sent (or its state)."""
+    if code is None or code in (0, 1005):
         return 1000
-    return _UNSENDABLE.get(code, code)
+    if code in _UNSENDABLE:
+        return _UNSENDABLE[code]
+    return code if 1000 <= code <= 1014 or 3000 <= code <= 4999 else 1000
 
 
 def _upstream_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:

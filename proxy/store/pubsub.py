@@ -23,7 +23,6 @@ async def subscribe_forever(
     what: str,
 ) -> None:
     backoff = 0.05
-    task = asyncio.current_task()
     while True:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
@@ -31,11 +30,12 @@ async def subscribe_forever(
             on_subscribed()
             connected.set()
             backoff = 0.05
+            task = asyncio.current_task()
             while True:
                 msg = await pubsub.get_message(timeout=1.0)
+                # redis-py's read timeout can swallow a cancel that lands as it expires (a stop
+                # right after the start hung here): a pending cancel ends the loop regardless.
                 if task is not None and task.cancelling():
-                    # redis-py's read timeout can swallow a cancel that lands as it expires;
-                    # the request is still counted on the task, so honour it here.
                     raise asyncio.CancelledError
                 if msg is not None and msg.get("type") == "message":
                     on_message(msg["data"])

@@ -3,7 +3,7 @@
 Keys (all under the ``ap:`` prefix):
 - ``ap:apikey:{key_id}`` hash: workspace_id, digest, pepper_version, name, created_at, revoked_at
 - ``ap:ws:{ws}`` hash: org_id, name, suspended, reason, created_at
-- ``ap:org:{org}`` hash: name, suspended, reason, created_at
+- ``ap:org:{org}`` hash: name, suspended, reason, created_at, account_representative
 - ``ap:grant:{grant_id}`` string: the grant as JSON (kept for every grant ever made)
 - ``ap:sgrants:{subject}`` hash: ``{program}|{product}`` -> JSON of the subject's current grant
 - ``ap:standing:{ws}`` hash: suspended, suspended_at
@@ -11,7 +11,9 @@ Keys (all under the ``ap:`` prefix):
 - ``ap:orgws:{org}`` set of the org's workspaces
 - ``ap:audit`` list of JSON entries; ``ap:audit:head`` hash: seq, hash
 - ``ap:rl:*``, ``ap:cc:*``, ``ap:replicas``: rate limits (``ratelimit.py``)
-- ``ap:usage:{ws}`` hash of usage and cost counters (``usage.py``)
+- ``ap:usage:{ws}`` hash of usage and cost counters (``usage.py``); ``ap:usage-day:{ws}:{date}``
+  the same for one UTC day (``YYYY-MM-DD``), expiring after the configured retention
+- ``ap:tk:{ws}:{program}``: tokens spent against ``tokens_per_minute`` (``ratelimit.lua``)
 Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{id}``,
 ``grants:{subject}``, ``standing:{ws}``, and ``*`` for everything.
 """
@@ -66,6 +68,20 @@ def flags_key(ws: str) -> str:
 
 def org_workspaces_key(org: str) -> str:
     return f"ap:orgws:{org}"
+
+
+def usage_key(ws: str) -> str:
+    return f"ap:usage:{ws}"
+
+
+def usage_day_key(ws: str, day: str) -> str:
+    """Usage of one UTC day; ``day`` is ``YYYY-MM-DD`` (fixed length, so never ambiguous)."""
+    return f"ap:usage-day:{ws}:{day}"
+
+
+def token_key(ws: str, program: str | None) -> str:
+    """The token bucket of a workspace and program (a GCRA arrival time, as ``ap:rl:*``)."""
+    return f"ap:tk:{ws}:{program or '-'}"
 
 
 def grant_slot(program: str, product: str) -> str:
@@ -137,7 +153,12 @@ def workspace_from_hash(ws: str, raw: RawHash) -> Workspace | None:
 def org_from_hash(org: str, raw: RawHash) -> Org | None:
     if not raw:
         return None
-    return Org(org_id=org, name=_s(raw, "name"), suspended=_s(raw, "suspended") == "1")
+    return Org(
+        org_id=org,
+        name=_s(raw, "name"),
+        suspended=_s(raw, "suspended") == "1",
+        account_representative=_s(raw, "account_representative") or None,
+    )
 
 
 def grant_to_dict(g: Grant) -> dict[str, Any]:

@@ -614,3 +614,44 @@ async def test_revocation_while_the_upstream_handshake_is_pending_ends_the_sessi
     ws = await opening
     started = time.monotonic()
     await assert_ended(ws, "invalid_api_key", started, SIGNAL_WITHIN_S)
+
+
+async def test_a_grant_that_expires_ends_its_sessions_by_the_clock(
+    stack: Stack, seed: Seeder, http: aiohttp.ClientSession
+) -> None:
+    """No signal announces an expiry: the sweep (every second at most) sees it."""
+    tenant = await seed.tenant()
+    await seed.grant(f"workspace:{tenant.workspace}", expires_in=2.0)
+    ws = await connect(http, stack.proxy.data_url, tenant.key, f"model={PREVIEW_MODEL}")
+    await receive_json(ws)
+    started = time.monotonic()
+    elapsed = await assert_ended(ws, "access_expired", started, 2.0 + 1.0 + ENDED_WITHIN_S)
+    assert elapsed > 0.5  # not at once: at the expiry
+
+
+async def test_a_client_that_vanishes_closes_the_upstream_side(
+    stack: Stack, seed: Seeder, http: aiohttp.ClientSession
+) -> None:
+    tenant = await granted(seed)
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.data_port)
+    handshake = "".join(f"{k}: {v}\r\n" for k, v in UPGRADE_HEADERS.items())
+    writer.write(
+        (
+            f"GET /v1/realtime?model={PREVIEW_MODEL} HTTP/1.1\r\nHost: x\r\n{handshake}"
+            f"Authorization: Bearer {tenant.key}\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RECEIVE_S)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    rid = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
+    writer.transport.abort()  # no close frame, no FIN handshake: the peer is just gone
+
+    async def upstream_closed() -> bool:
+        found = await mock_sessions(http, stack.mock.url, rid)
+        return bool(found) and found[0]["close_code"] is not None
+
+    await wait_until(upstream_closed, timeout=RECEIVE_S)

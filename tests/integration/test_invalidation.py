@@ -132,7 +132,7 @@ async def test_a_change_on_one_replica_evicts_the_entry_on_the_other(
 
     await propagation_time(key_revoked, "key revocation")
 
-    await a.writes.set_grant_flag(ACTOR, grant_id, "revoke", "review")
+    await a.writes.apply_grant_action(ACTOR, grant_id, "revoke", "review")
     await propagation_time(
         lambda: _true(facts(), lambda f: f.workspace_grants[("gpt-5.6-preview", "api")].revoked),
         "grant revocation",
