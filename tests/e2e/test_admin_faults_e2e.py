@@ -99,7 +99,7 @@ def audit_breaks(url: str) -> tuple[int, int | None]:
 def seed_world(admin: AdminProxy, suffix: str) -> dict[str, str]:
     """An org, a workspace, a key and a grant, made through the API: ids the fuzz can hit."""
     org, ws = f"org-{suffix}", f"ws-{suffix}"
-    assert admin.post("/admin/v1/orgs", {"id": org})[0] == 201
+    assert admin.post("/admin/v1/orgs", {"id": org, "account_representative": "alice"})[0] == 201
     assert admin.post("/admin/v1/workspaces", {"id": ws, "org_id": org})[0] == 201
     status, _, key = admin.post(f"/admin/v1/workspaces/{ws}/keys", {"name": "k"})
     assert status == 201, key
@@ -110,23 +110,25 @@ def seed_world(admin: AdminProxy, suffix: str) -> dict[str, str]:
     return {"org": org, "ws": ws, "key_id": key["key_id"], "grant_id": grant["grant_id"]}
 
 
-# Every endpoint that takes a body: (path template, the fields it knows).
-BODY_ENDPOINTS: list[tuple[str, tuple[str, ...]]] = [
-    ("/admin/v1/orgs", ("id", "name")),
-    ("/admin/v1/orgs/{org}/suspend", ("reason",)),
-    ("/admin/v1/orgs/{org}/reinstate", ("reason",)),
-    ("/admin/v1/workspaces", ("id", "org_id", "name")),
-    ("/admin/v1/workspaces/{ws}/suspend", ("reason",)),
-    ("/admin/v1/workspaces/{ws}/reinstate", ("reason",)),
-    ("/admin/v1/workspaces/{ws}/keys", ("name",)),
-    ("/admin/v1/workspaces/{ws}/flags", ("category", "severity", "source", "note")),
-    ("/admin/v1/workspaces/{ws}/standing/clear", ("reason",)),
-    ("/admin/v1/grants", ("program", "product", "subject", "models", "expires_at")),
-    ("/admin/v1/grants/{grant_id}/approve", ("role", "reviewer")),
-    ("/admin/v1/grants/{grant_id}/enable", ("at",)),
-    ("/admin/v1/grants/{grant_id}/suspend", ("reason",)),
-    ("/admin/v1/grants/{grant_id}/reinstate", ("reason",)),
-    ("/admin/v1/grants/{grant_id}/revoke", ("reason",)),
+# Every endpoint that takes a body: (method, path template, the fields it knows).
+BODY_ENDPOINTS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("POST", "/admin/v1/orgs", ("id", "name", "account_representative")),
+    ("PATCH", "/admin/v1/orgs/{org}", ("account_representative",)),
+    ("POST", "/admin/v1/orgs/{org}/suspend", ("reason",)),
+    ("POST", "/admin/v1/orgs/{org}/reinstate", ("reason",)),
+    ("POST", "/admin/v1/workspaces", ("id", "org_id", "name")),
+    ("POST", "/admin/v1/workspaces/{ws}/suspend", ("reason",)),
+    ("POST", "/admin/v1/workspaces/{ws}/reinstate", ("reason",)),
+    ("POST", "/admin/v1/workspaces/{ws}/keys", ("name",)),
+    ("POST", "/admin/v1/workspaces/{ws}/flags", ("category", "severity", "source", "note")),
+    ("POST", "/admin/v1/workspaces/{ws}/standing/clear", ("reason",)),
+    ("POST", "/admin/v1/grants", ("program", "product", "subject", "models", "expires_at")),
+    ("POST", "/admin/v1/grants/{grant_id}/approve", ("role", "reviewer")),
+    ("POST", "/admin/v1/grants/{grant_id}/enable", ("at",)),
+    ("POST", "/admin/v1/grants/{grant_id}/suspend", ("reason",)),
+    ("POST", "/admin/v1/grants/{grant_id}/reinstate", ("reason",)),
+    ("POST", "/admin/v1/grants/{grant_id}/revoke", ("reason",)),
+    ("POST", "/admin/v1/config/reload", ()),
 ]
 
 
@@ -153,7 +155,7 @@ def test_bad_bodies_answer_422_naming_the_field_on_every_endpoint(admin_proxy: A
     ids = seed_world(admin_proxy, "bad-bodies")
     entries_before, broken = audit_breaks(admin_proxy.redis.url)
     assert broken is None
-    for template, fields in BODY_ENDPOINTS:
+    for method, template, fields in BODY_ENDPOINTS:
         path = template.format(**ids)
         for field in fields:
             for what, raw in (
@@ -163,7 +165,7 @@ def test_bad_bodies_answer_422_naming_the_field_on_every_endpoint(admin_proxy: A
                 ("surrogate inside", json.dumps({field: ["ok", {"a": "\ud800"}]}).encode()),
                 ("huge", json.dumps({field: "x" * 500_000}).encode()),
             ):
-                status, _, doc = admin_proxy.call("POST", path, raw)
+                status, _, doc = admin_proxy.call(method, path, raw)
                 assert status == 422, (path, field, what, status, doc)
                 error = assert_error_shape(doc)
                 assert error["code"] == "invalid_body" and error["param"] == field, (
@@ -177,7 +179,7 @@ def test_bad_bodies_answer_422_naming_the_field_on_every_endpoint(admin_proxy: A
             ("not an object", b"[1, 2]"),
             ("too large", b'{"reason": "' + b"x" * (2 << 20) + b'"}'),
         ):
-            status, _, doc = admin_proxy.call("POST", path, raw)
+            status, _, doc = admin_proxy.call(method, path, raw)
             assert status == 422, (path, what, status, doc)
             assert assert_error_shape(doc)["code"] == "invalid_body"
     # 64 levels are still a body (refused for its type, not its depth).
@@ -250,7 +252,9 @@ TEXT = st.one_of(
     ),
     st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True),
 )
+DAYS = st.sampled_from(["2026-11-30", "2026-02-30", "30-11-2026", "0000-01-01", "9999-12-31"])
 TIMES = st.one_of(
+    DAYS,
     st.sampled_from(
         [
             "2026-12-01T09:00:00Z",
@@ -331,6 +335,8 @@ def admin_requests(draw: st.DrawFn, ids: dict[str, str]) -> tuple[str, str, byte
                             "model",
                             "after",
                             "limit",
+                            "from",
+                            "to",
                             "x",
                         ]
                     ),
@@ -346,24 +352,26 @@ def admin_requests(draw: st.DrawFn, ids: dict[str, str]) -> tuple[str, str, byte
                     f"/admin/v1/grants/{an_id('grant_id')}",
                     "/admin/v1/explain",
                     "/admin/v1/audit",
+                    f"/admin/v1/orgs/{an_id('org')}",
                     f"/admin/v1/workspaces/{an_id('ws')}/standing",
                     f"/admin/v1/workspaces/{an_id('ws')}/usage",
                 ]
             )
         )
         return "GET", path + ("?" + query if query else ""), None, None
-    template, fields = draw(st.sampled_from(BODY_ENDPOINTS))
+    method, template, fields = draw(st.sampled_from(BODY_ENDPOINTS))
     path = template.format(
         org=an_id("org"), ws=an_id("ws"), grant_id=an_id("grant_id"), key_id=an_id("key_id")
     )
-    names = draw(st.lists(st.one_of(st.sampled_from(fields), TEXT), max_size=5, unique=True))
+    known = st.sampled_from(fields) if fields else TEXT
+    names = draw(st.lists(st.one_of(known, TEXT), max_size=5, unique=True))
     doc = {name: draw(VALUES) for name in names}
     shape = draw(st.sampled_from(["json", "json", "json", "raw", "not-object"]))
     if shape == "raw":
-        return "POST", path, draw(st.binary(max_size=64)), None
+        return method, path, draw(st.binary(max_size=64)), None
     if shape == "not-object":
-        return "POST", path, json.dumps(draw(VALUES)).encode(), None
-    return "POST", path, json.dumps(doc).encode(), doc
+        return method, path, json.dumps(draw(VALUES)).encode(), None
+    return method, path, json.dumps(doc).encode(), doc
 
 
 @pytest.fixture(scope="module")
