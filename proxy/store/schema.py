@@ -35,6 +35,7 @@ PREFIX = "ap:"
 INVALIDATION_CHANNEL = "ap:invalidate"
 AUDIT_LIST = "ap:audit"
 AUDIT_HEAD = "ap:audit:head"
+GRANT_PATTERN = "ap:grant:*"  # every grant_key
 FLUSH_ALL = "*"
 
 
