@@ -12,6 +12,8 @@ Keys (all under the ``ap:`` prefix):
 - ``ap:audit`` list of JSON entries; ``ap:audit:head`` hash: seq, hash
 - ``ap:rl:*``, ``ap:cc:*``, ``ap:replicas``: rate limits (``ratelimit.py``)
 - ``ap:usage:{ws}`` hash of usage and cost counters (``usage.py``)
+- ``ap:batchfile:{file_id}`` hash: models (JSON list), workspace, at — the models the lines of a
+  batch input file name, recorded at upload (``batchfiles.py``)
 Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{id}``,
 ``grants:{subject}``, ``standing:{ws}``, and ``*`` for everything.
 """
@@ -66,6 +68,10 @@ def flags_key(ws: str) -> str:
 
 def org_workspaces_key(org: str) -> str:
     return f"ap:orgws:{org}"
+
+
+def batch_file_key(file_id: str) -> str:
+    return f"ap:batchfile:{file_id}"
 
 
 def grant_slot(program: str, product: str) -> str:
