@@ -105,7 +105,8 @@ def _brotli(data: bytes, limit: int) -> bytes:
 
 
 def _zstd(data: bytes, limit: int) -> bytes:
-    window = 1 << max(20, min(27, (limit - 1).bit_length()))
+    # 8 MiB is the window every decoder is expected to support; more only for larger limits.
+    window = 1 << max(23, min(27, (limit - 1).bit_length()))
     reader = zstandard.ZstdDecompressor(max_window_size=window).stream_reader(
         io.BytesIO(data), read_across_frames=True
     )
