@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy import config as config_mod
-from proxy import identity, metrics
+from proxy import env, identity, metrics
 from proxy.admin.api import AdminContext, admin_app
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
@@ -39,7 +38,7 @@ from proxy.reload import Reloader
 from proxy.snapshot import Holder
 from proxy.store.batchfiles import BatchFiles
 from proxy.store.cache import FactCache
-from proxy.store.connection import Breaker, Gate, make_client
+from proxy.store.connection import Gate, make_client
 from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
 from proxy.store.ratelimit import RateLimiter
@@ -48,21 +47,13 @@ from proxy.store.writes import Writes
 
 log = logging.getLogger("access_proxy")
 
-ENV_REDIS_URL = "REDIS_URL"
-ENV_WORKER = "ACCESS_PROXY_WORKER"
-ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def redis_url_for(cfg: Config) -> str:
-    return os.environ.get(ENV_REDIS_URL) or cfg.redis.url
-
 
 def embedded_redis(cfg: Config) -> RedisServer:
     return RedisServer(Path(cfg.state_dir) / "redis", persistent=True)
 
 
 def metrics_payload() -> bytes:
-    if os.environ.get(ENV_MULTIPROC):
+    if env.multiproc_dir():
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
@@ -91,10 +82,7 @@ class Proxy:
         self.admin_redis = make_client(self.redis_url, timeout_s=5.0)
         self.sub_redis = make_client(self.redis_url, timeout_s=None)
         self.cache: FactCache[Any] = FactCache(cfg.cache.max_entries)
-        self.gate = Gate(
-            cfg.redis.timeout_ms / 1000,
-            Breaker(cfg.redis.breaker_failures, cfg.redis.breaker_reset_s),
-        )
+        self.gate = Gate.of(cfg.redis)
         self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
         self.writes = Writes(self.admin_redis)
         self.subscriber = Subscriber(self.sub_redis, self.cache)
@@ -128,9 +116,7 @@ class Proxy:
             BatchFiles(self.admin_redis),
         )
         dataplane = self.dataplane
-        copy = metrics.track_inflight(
-            lambda: dataplane.inflight, bool(os.environ.get(ENV_MULTIPROC))
-        )
+        copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)
         self.inflight_task = asyncio.create_task(_every(1.0, copy)) if copy else None
 
         # No access log on the data listener: no per-request logging on the hot path.
@@ -165,9 +151,7 @@ class Proxy:
 
     def _config_swapped(self, old: Config, new: Config) -> None:
         """Apply what lives outside the snapshot: the Redis deadline and breaker settings."""
-        self.gate.timeout_s = new.redis.timeout_ms / 1000
-        self.gate.breaker.failures = new.redis.breaker_failures
-        self.gate.breaker.reset_s = new.redis.breaker_reset_s
+        self.gate.configure(new.redis)
         log.info("config %s -> %s", old.version, new.version)
 
     async def _reload(self) -> dict[str, Any]:
@@ -246,7 +230,7 @@ async def build_proxy(
     config_path: str | None = None,
 ) -> Proxy:
     """Wire a Proxy for ``cfg``, starting the embedded Redis when the URL says so."""
-    url = redis_url or redis_url_for(cfg)
+    url = redis_url or config_mod.redis_url(cfg)
     embedded: RedisServer | None = None
     if url == "embedded":
         embedded = embedded_redis(cfg)
@@ -255,7 +239,7 @@ async def build_proxy(
     peppers = identity.load_peppers(
         cfg.keys.pepper_env,
         cfg.keys.pepper_file,
-        cfg.state_dir if (embedded is not None or os.environ.get(ENV_WORKER)) else None,
+        cfg.state_dir if (embedded is not None or env.is_worker()) else None,
     )
     return Proxy(
         Holder(cfg),
@@ -298,17 +282,14 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
 def supervise(cfg: Config, config_path: str, workers: int) -> int:
     """Run ``workers`` serve processes on shared ports; forward signals; stop Redis last."""
     redis: RedisServer | None = None
-    env = dict(os.environ)
-    url = redis_url_for(cfg)
+    url = config_mod.redis_url(cfg)
     if url == "embedded":
         redis = embedded_redis(cfg)
         redis.start_sync()
-        env[ENV_REDIS_URL] = redis.url
     peppers_dir = cfg.state_dir
     identity.load_peppers(cfg.keys.pepper_env, cfg.keys.pepper_file, peppers_dir)
     multiproc = tempfile.mkdtemp(prefix="access-proxy-metrics-")
-    env[ENV_MULTIPROC] = multiproc
-    env[ENV_WORKER] = "1"
+    worker_env = env.worker_environment(redis.url if redis is not None else None, multiproc)
     cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", config_path, "--workers", "1"]
     procs: list[subprocess.Popen[bytes]] = []
     stop_signals: list[int] = []
@@ -325,7 +306,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for _ in range(workers):
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=worker_env))
     if stop_signals:
         forward(stop_signals[0], None)
     code = 0
@@ -354,7 +335,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("ACCESS_PROXY_LOG_LEVEL", "INFO"),
+        level=env.log_level(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
 
@@ -367,6 +348,6 @@ def run_serve(config_path: str | None, workers: int) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     path = cfg.source
-    if workers > 1 and not os.environ.get(ENV_WORKER):
+    if workers > 1 and not env.is_worker():
         return supervise(cfg, path, workers)
-    return asyncio.run(serve(cfg, worker=bool(os.environ.get(ENV_WORKER))))
+    return asyncio.run(serve(cfg, worker=env.is_worker()))
