@@ -139,29 +139,71 @@ def _range_escapes(lo: str, hi: str, excluded: tuple[tuple[str, str], ...]) -> b
     return c <= ord(hi)
 
 
-def globs_intersect(a: tuple[Token, ...], b: tuple[Token, ...]) -> bool:
-    """Whether some string matches both glob token sequences (a search over position pairs)."""
-    seen: set[tuple[int, int]] = set()
+def _matches_one(tok: Token, ch: str) -> bool:
+    if tok.kind == "star":
+        return True
+    if tok.kind == "lit":
+        return tok.char == ch
+    return _in_ranges(ch, tok.ranges) != tok.negated
+
+
+def _common_char(a: Token, b: Token) -> str | None:
+    candidates = [t.char for t in (a, b) if t.kind == "lit"]
+    candidates += [c for t in (a, b) for lo, hi in t.ranges for c in (lo, hi)]
+    candidates += ["a", "0", "-", "z", "_"]
+    found = next((c for c in candidates if _matches_one(a, c) and _matches_one(b, c)), None)
+    if found is None and _one_char_sets_meet(
+        _ANY if a.kind == "star" else a, _ANY if b.kind == "star" else b
+    ):
+        # Two negated sets that exclude every candidate above: look further.
+        found = next(
+            (
+                chr(c)
+                for c in range(0x20, 0x110000)
+                if _matches_one(a, chr(c)) and _matches_one(b, chr(c))
+            ),
+            None,
+        )
+    return found
+
+
+def common_name(a: tuple[Token, ...], b: tuple[Token, ...]) -> str | None:
+    """A string both glob token sequences match, or None when there is none (a search over
+    position pairs; a star may match nothing or consume a character and stay)."""
+    parent: dict[tuple[int, int], tuple[tuple[int, int], str] | None] = {(0, 0): None}
     todo = [(0, 0)]
     while todo:
-        i, j = todo.pop()
-        if (i, j) in seen:
-            continue
-        seen.add((i, j))
+        state = todo.pop(0)
+        i, j = state
         if i == len(a) and j == len(b):
-            return True
+            out: list[str] = []
+            step = parent[state]
+            while step is not None:
+                state, ch = step
+                out.append(ch)
+                step = parent[state]
+            return "".join(reversed(out))
         ta = a[i] if i < len(a) else None
         tb = b[j] if j < len(b) else None
+        moves: list[tuple[tuple[int, int], str]] = []
         if ta == _STAR:
-            todo.append((i + 1, j))
+            moves.append(((i + 1, j), ""))
         if tb == _STAR:
-            todo.append((i, j + 1))
-        if ta is None or tb is None:
-            continue
-        # Consume one character on both sides (a star consumes it and stays).
-        if _one_char_sets_meet(_ANY if ta == _STAR else ta, _ANY if tb == _STAR else tb):
-            todo.append((i if ta == _STAR else i + 1, j if tb == _STAR else j + 1))
-    return False
+            moves.append(((i, j + 1), ""))
+        if ta is not None and tb is not None:
+            one = _common_char(ta, tb)
+            if one is not None:
+                moves.append(((i if ta == _STAR else i + 1, j if tb == _STAR else j + 1), one))
+        for nxt, ch in moves:
+            if nxt not in parent:
+                parent[nxt] = (state, ch)
+                todo.append(nxt)
+    return None
+
+
+def globs_intersect(a: tuple[Token, ...], b: tuple[Token, ...]) -> bool:
+    """Whether some string matches both glob token sequences."""
+    return common_name(a, b) is not None
 
 
 def entry_language(entry: str) -> tuple[tuple[Token, ...], ...]:
@@ -206,6 +248,7 @@ class Conflict:
     entry: str
     other_program: str
     other_entry: str
+    example: str  # a name that would belong to both
 
 
 def conflicts(programs: Mapping[str, Iterable[str]]) -> list[Conflict]:
@@ -218,8 +261,12 @@ def conflicts(programs: Mapping[str, Iterable[str]]) -> list[Conflict]:
             entry = normalize(raw)
             lang = entry_language(entry)
             for other_program, other_entry, other_lang in seen:
-                if any(globs_intersect(x, y) for x in lang for y in other_lang):
-                    found.append(Conflict(program, index, raw, other_program, other_entry))
+                example = next(
+                    (n for x in lang for y in other_lang if (n := common_name(x, y)) is not None),
+                    None,
+                )
+                if example is not None:
+                    found.append(Conflict(program, index, raw, other_program, other_entry, example))
                     break
             mine.append((program, raw, lang))
         seen.extend(mine)

@@ -490,7 +490,15 @@ class _DataRequestHandler(RequestHandler):
 
 
 class DataServer(web.Server):
-    """The low-level server for the data listener (see ``_DataRequestHandler``)."""
+    """The low-level server for the data listener (see ``_DataRequestHandler``).
+
+    Request bodies are taken as received (``auto_decompress=False``): a compressed body is
+    decoded by ``proxy.surfaces`` to be read, under the body limit, and forwarded as it came.
+    """
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_decompress", False)
+        super().__init__(handler, **kwargs)
 
     def __call__(self) -> RequestHandler:
         return _DataRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -108,7 +108,7 @@ def decide(facts: Facts, cfg: Config, req: RequestInfo, now: float) -> Decision:
     grant: Grant | None = None
     rule, detail = "request.no_model", "the request names no model"
     if req.model is not None:
-        name = cfg.program_of_model.get(req.model)
+        name = cfg.program_of(req.model)
         if name is None:
             if cfg.unlisted_models == "deny":
                 return _deny("model_not_found", "model.unlisted", "model in no program; denied")

@@ -25,7 +25,9 @@ CHAT = "/v1/chat/completions"
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 names = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=24
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    min_size=1,
+    max_size=24,
 ).filter(lambda s: normalize(s) != "")
 ascii_names = st.from_regex(r"[a-z][a-z0-9.\-]{0,20}", fullmatch=True)
 
@@ -124,9 +126,7 @@ def test_two_different_names_are_refused(a: str, b: str, places: str) -> None:
     if places == "json+query":
         refused(body=json.dumps({"model": a}).encode(), query=f"model={b}")
     elif places == "form":
-        refused(
-            body=f"model={a}&x=1;model={b}".encode(), ctype="application/x-www-form-urlencoded"
-        )
+        refused(body=f"model={a}&x=1;model={b}".encode(), ctype="application/x-www-form-urlencoded")
     else:
         body, ctype = multipart([("model", a.encode()), ("model", b.encode())])
         refused(body=body, ctype=ctype, path="/v1/audio/transcriptions")
@@ -194,7 +194,7 @@ def test_malformed_multipart_is_refused() -> None:
 
 def test_multipart_names_in_other_spellings_are_model_fields() -> None:
     body, ctype = multipart([("x", b"1")])
-    for disposition in (b"name=model", b"NAME=\" Model \"", b"name*=utf-8''mod%65l"):
+    for disposition in (b"name=model", b'NAME=" Model "', b"name*=utf-8''mod%65l"):
         raw = body.replace(b'name="x"', disposition).replace(b"\r\n\r\n1", b"\r\n\r\ngpt-5.6-sol")
         assert read(raw, ctype=ctype).models == ("gpt-5.6-sol",), disposition
 
@@ -254,9 +254,7 @@ def batch_lines(models: list[str | None]) -> bytes:
         body: dict[str, Any] = {"messages": []}
         if m is not None:
             body["model"] = m
-        lines.append(
-            json.dumps({"custom_id": str(i), "method": "POST", "url": CHAT, "body": body})
-        )
+        lines.append(json.dumps({"custom_id": str(i), "method": "POST", "url": CHAT, "body": body}))
     return "\n".join(lines).encode() + b"\n"
 
 
