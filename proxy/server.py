@@ -32,6 +32,7 @@ from proxy.dataplane.admission import Admitter
 from proxy.dataplane.app import DataPlane, DataServer, Hooks
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
+from proxy.dataplane.websocket import Sessions
 from proxy.metering import Meter
 from proxy.redis_server import RedisServer
 from proxy.reload import Reloader
@@ -95,15 +96,23 @@ class Proxy:
             lambda: self.holder.current.config.version,
         )
         self.flags.start()
+        self.session = make_session()
+        # Open WebSocket sessions are decided again on every eviction and config swap.
+        self.sessions = Sessions(self.holder, self.entitlements, self.session)
+        self.subscriber.listeners.append(self.sessions.facts_evicted)
+        self.sessions.start()
         self.reloader: Reloader | None = None
         if self.config_path is not None:
             self.reloader = Reloader(
                 self.holder, self.config_path, redis=self.sub_redis, on_swap=self._config_swapped
             )
             await self.reloader.start()
-        self.session = make_session()
         admitter = Admitter(self.session, self.limiter)
-        hooks = Hooks(admit=admitter.admit, on_upstream_headers=self.flags.on_upstream_headers)
+        hooks = Hooks(
+            admit=admitter.admit,
+            on_upstream_headers=self.flags.on_upstream_headers,
+            websocket=self.sessions,
+        )
         self.meter = Meter(UsageStore(self.admin_redis))
         self.meter.start()
         self.dataplane = DataPlane(
@@ -152,6 +161,7 @@ class Proxy:
     def _config_swapped(self, old: Config, new: Config) -> None:
         """Apply what lives outside the snapshot: the Redis deadline and breaker settings."""
         self.gate.configure(new.redis)
+        self.sessions.config_swapped()
         log.info("config %s -> %s", old.version, new.version)
 
     async def _reload(self) -> dict[str, Any]:
@@ -195,6 +205,7 @@ class Proxy:
     async def stop(self) -> None:
         """Turn /readyz to 503, stop accepting, drain in-flight requests (up to the grace)."""
         self.draining = True
+        await self.sessions.stop()  # a session may last hours: it is ended, not drained
         await self.data_runner.cleanup()
         if self.inflight_task is not None:
             self.inflight_task.cancel()

@@ -174,6 +174,12 @@ def _int_param(q: dict[str, str], name: str, default: int, low: int, high: int) 
     return value
 
 
+def _account_representative(value: Any) -> str | None:
+    if value is None:
+        return None
+    return _check_text(value, "account_representative", 200).strip()
+
+
 def _subject(value: Any) -> str:
     match = _SUBJECT.fullmatch(value) if isinstance(value, str) else None
     if match is None or not _ID.fullmatch(match.group(2)):
@@ -279,11 +285,33 @@ class AdminAPI:
 
     async def create_org(self, request: web.Request) -> web.Response:
         _, actor = self._need(request, "operator")
-        body = await _body(request, ("id",), ("name",))
+        body = await _body(request, ("id",), ("name", "account_representative"))
         org_id = _check_id(body["id"], "id")
         name = _check_name(body.get("name", ""), "name")
-        org = await self.writes.create_org(actor, org_id, name)
+        rep = _account_representative(body.get("account_representative"))
+        org = await self.writes.create_org(actor, org_id, name, rep)
         return web.json_response(org_dict(org), status=201)
+
+    async def get_org(self, request: web.Request) -> web.Response:
+        self._need(request, "read")
+        org_id = request.match_info["org"]
+        org = await self.writes.org(org_id)
+        if org is None:
+            raise NotFound(f"org {org_id} not found")
+        return web.json_response(org_dict(org))
+
+    async def patch_org(self, request: web.Request) -> web.Response:
+        _, actor = self._need(request, "operator")
+        body = await _body(request, (), ("account_representative",))
+        if "account_representative" not in body:
+            raise ApiError(
+                "invalid_body",
+                "account_representative is required (null clears it)",
+                "account_representative",
+            )
+        rep = _account_representative(body["account_representative"])
+        org = await self.writes.set_account_representative(actor, request.match_info["org"], rep)
+        return web.json_response(org_dict(org))
 
     async def org_suspension(self, request: web.Request) -> web.Response:
         _, actor = self._need(request, "operator")
@@ -373,7 +401,13 @@ class AdminAPI:
             expires_at = parse_time(body["expires_at"], "expires_at")
         try:
             grant = await self.writes.create_grant(
-                actor, program, product, subject, models, expires_at
+                actor,
+                program,
+                product,
+                subject,
+                models,
+                expires_at,
+                cfg.programs[program].eligibility.requires_account_representative,
             )
         except Conflict as exc:
             return _error("conflict", exc.message, None, grant_id=exc.existing_id)
@@ -576,6 +610,8 @@ def admin_app(ctx: AdminContext) -> web.Application:
     app = web.Application(middlewares=[api.middleware], client_max_size=1024 * 1024)
     p = PREFIX
     app.router.add_post(f"{p}/orgs", api.create_org)
+    app.router.add_get(f"{p}/orgs/{{org}}", api.get_org)
+    app.router.add_patch(f"{p}/orgs/{{org}}", api.patch_org)
     app.router.add_post(f"{p}/orgs/{{org}}/{{action:suspend|reinstate}}", api.org_suspension)
     app.router.add_post(f"{p}/workspaces", api.create_workspace)
     app.router.add_post(

@@ -104,8 +104,21 @@ def orgs_create(c: AdminClient, a: argparse.Namespace) -> Output:
     body: dict[str, Any] = {"id": a.id}
     if a.name is not None:
         body["name"] = a.name
+    if a.account_rep is not None:
+        body["account_representative"] = a.account_rep
     data = c.call("POST", "/orgs", body)
     return Output(data, "created org\n" + pairs(data))
+
+
+def orgs_show(c: AdminClient, a: argparse.Namespace) -> Output:
+    data = c.call("GET", f"/orgs/{seg(a.id)}")
+    return Output(data, pairs(data))
+
+
+def orgs_account_rep(c: AdminClient, a: argparse.Namespace) -> Output:
+    rep = getattr(a, "representative", None)
+    data = c.call("PATCH", f"/orgs/{seg(a.id)}", {"account_representative": rep})
+    return Output(data, pairs(data))
 
 
 def orgs_suspension(c: AdminClient, a: argparse.Namespace) -> Output:
@@ -372,6 +385,19 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     p = leaf(orgs, "create", orgs_create, "create an org")
     p.add_argument("id")
     p.add_argument("--name")
+    p.add_argument("--account-rep", help="the org's account representative (eligibility, SPEC §4)")
+    p = leaf(orgs, "show", orgs_show, "show an org")
+    p.add_argument("id")
+    p = leaf(orgs, "set-account-rep", orgs_account_rep, "set the org's account representative")
+    p.add_argument("id")
+    p.add_argument("representative")
+    p = leaf(
+        orgs,
+        "clear-account-rep",
+        orgs_account_rep,
+        "clear the account representative (grants stay)",
+    )
+    p.add_argument("id")
     for action in ("suspend", "reinstate"):
         p = leaf(orgs, action, orgs_suspension, f"{action} an org", action=action)
         p.add_argument("id")

@@ -3,7 +3,7 @@
 Keys (all under the ``ap:`` prefix):
 - ``ap:apikey:{key_id}`` hash: workspace_id, digest, pepper_version, name, created_at, revoked_at
 - ``ap:ws:{ws}`` hash: org_id, name, suspended, reason, created_at
-- ``ap:org:{org}`` hash: name, suspended, reason, created_at
+- ``ap:org:{org}`` hash: name, suspended, reason, created_at, account_representative
 - ``ap:grant:{grant_id}`` string: the grant as JSON (kept for every grant ever made)
 - ``ap:sgrants:{subject}`` hash: ``{program}|{product}`` -> JSON of the subject's current grant
 - ``ap:standing:{ws}`` hash: suspended, suspended_at
@@ -143,7 +143,12 @@ def workspace_from_hash(ws: str, raw: RawHash) -> Workspace | None:
 def org_from_hash(org: str, raw: RawHash) -> Org | None:
     if not raw:
         return None
-    return Org(org_id=org, name=_s(raw, "name"), suspended=_s(raw, "suspended") == "1")
+    return Org(
+        org_id=org,
+        name=_s(raw, "name"),
+        suspended=_s(raw, "suspended") == "1",
+        account_representative=_s(raw, "account_representative") or None,
+    )
 
 
 def grant_to_dict(g: Grant) -> dict[str, Any]:

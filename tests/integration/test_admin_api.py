@@ -261,7 +261,12 @@ def test_admin_listener_binds_loopback_by_default() -> None:
 
 async def test_orgs_and_workspaces(admin: Admin) -> None:
     org = await admin.ok("ops", "POST", "/admin/v1/orgs", {"id": "acme", "name": "Acme"}, 201)
-    assert org == {"id": "acme", "name": "Acme", "suspended": False}
+    assert org == {
+        "id": "acme",
+        "name": "Acme",
+        "suspended": False,
+        "account_representative": None,
+    }
     status, data = await admin.call("ops", "POST", "/admin/v1/orgs", {"id": "acme"})
     assert status == 409
     assert_error(data, "conflict")

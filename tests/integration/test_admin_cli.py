@@ -69,7 +69,12 @@ async def test_every_command_through_a_whole_lifecycle(admin: Admin) -> None:
         ok(admin, "--json", "orgs", "create", "globex"),
     )
     assert "created org" in out and "Acme Corp" in out
-    assert json.loads(org_json) == {"id": "globex", "name": "", "suspended": False}
+    assert json.loads(org_json) == {
+        "id": "globex",
+        "name": "",
+        "suspended": False,
+        "account_representative": None,
+    }
     out = await ok(admin, "workspaces", "create", "acme-dev", "--org", "acme", via_env=True)
     assert "acme-dev" in out
     key_json, key_text, grant_json = await asyncio.gather(

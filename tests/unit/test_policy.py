@@ -31,6 +31,7 @@ from proxy.policy import (
     grant_state,
     missing_approvals,
 )
+from proxy.policy.eligibility import org_eligible
 
 CONFIG_YAML = """
 upstreams:
@@ -44,6 +45,7 @@ programs:
     models: [gpt-5.6-sol, gpt-5.6-terra, gpt-5.6-luna]
     required_approvals: [provider, government]
     phases: {api: preview, codex: preview, chatgpt: closed}
+    eligibility: {requires_account_representative: true}
   gpt-5.5-alpha:
     models: [gpt-5.5-alpha]
     required_approvals: [provider]
@@ -190,12 +192,16 @@ class Situation:
     product: str
     model: str | None
     unlisted: str
+    org_has_representative: bool = True
     ws_grants: Mapping[tuple[str, str], GrantSpec] = field(default_factory=dict)
     org_grants: Mapping[tuple[str, str], GrantSpec] = field(default_factory=dict)
 
 
 def oracle(s: Situation) -> str | None:
-    """The first failing row of SPEC §3.4 (rows 3 to 10), or None when the request may go on."""
+    """The first failing row of SPEC §3.4 (rows 3 to 10), or None when the request may go on.
+
+    Eligibility (an account representative) is judged when a grant is requested, never here:
+    a grant outlives a representative cleared later (SPEC §4), so it plays no part below."""
     org_suspended = s.org_known and s.org_suspended
     if s.ws_suspended or org_suspended or s.standing.startswith("suspended"):
         return "workspace_suspended"
@@ -302,6 +308,7 @@ def situations(draw: st.DrawFn) -> Situation:
         product=product,
         model=model,
         unlisted=draw(st.sampled_from(("allow", "deny"))),
+        org_has_representative=draw(st.booleans()),
         ws_grants=draw_grants(draw, wanted),
         org_grants=draw_grants(draw, wanted),
     )
@@ -325,7 +332,15 @@ def to_grant(slot: tuple[str, str], spec: GrantSpec, subject: str) -> Grant:
 def facts_of(s: Situation) -> Facts:
     return Facts(
         workspace=Workspace("ws1", "org1", suspended=s.ws_suspended),
-        org=Org("org1", suspended=s.org_suspended) if s.org_known else None,
+        org=(
+            Org(
+                "org1",
+                suspended=s.org_suspended,
+                account_representative="Dana" if s.org_has_representative else None,
+            )
+            if s.org_known
+            else None
+        ),
         workspace_grants={k: to_grant(k, v, "workspace:ws1") for k, v in s.ws_grants.items()},
         org_grants={k: to_grant(k, v, "org:org1") for k, v in s.org_grants.items()},
         standing=STANDINGS[s.standing],
@@ -353,6 +368,27 @@ def test_first_failing_row_answers(s: Situation) -> None:
         slot = (program, s.product)
         expected = "workspace:ws1" if slot in s.ws_grants else "org:org1"
         assert decision.grant is not None and decision.grant.subject == expected
+
+
+def eligibility_oracle(program: str, org_known: bool, representative: str | None) -> bool:
+    """SPEC §4 restated: a program that requires an account representative may be requested
+    only for an org (or a workspace of an org) that has one."""
+    requires = program == PREVIEW  # the only program of CONFIG_YAML with the requirement
+    return not requires or (org_known and bool(representative))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    program=st.sampled_from(tuple(PROGRAMS)),
+    org_known=st.booleans(),
+    representative=st.sampled_from((None, "", "Dana Reyes")),
+)
+def test_a_grant_may_be_requested_exactly_when_the_org_is_eligible(
+    program: str, org_known: bool, representative: str | None
+) -> None:
+    org = Org("org1", account_representative=representative) if org_known else None
+    requires = ALLOW_UNLISTED.programs[program].eligibility.requires_account_representative
+    assert org_eligible(requires, org) is eligibility_oracle(program, org_known, representative)
 
 
 # --------------------------------------------------------------------------- rows 3 and 4
