@@ -164,8 +164,8 @@ def parse_header_pairs(text: str) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts of one answer."""
+class ReportedUsage:
+    """The token counts the mock reports for one answer, in the upstream's own names."""
 
     prompt_tokens: int
     cached_tokens: int
@@ -209,9 +209,9 @@ class Usage:
         }
 
 
-def usage_for(knobs: Knobs, prompt_words: int) -> Usage:
+def usage_for(knobs: Knobs, prompt_words: int) -> ReportedUsage:
     """Deterministic usage: counted words unless a knob overrides a number."""
-    return Usage(
+    return ReportedUsage(
         prompt_tokens=prompt_words if knobs.prompt_tokens is None else knobs.prompt_tokens,
         cached_tokens=knobs.cached_tokens or 0,
         cache_write_tokens=knobs.cache_write_tokens or 0,
@@ -262,7 +262,7 @@ def _json_bytes(value: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)
-def _chat_usage_bytes(usage: Usage) -> bytes:
+def _chat_usage_bytes(usage: ReportedUsage) -> bytes:
     return json.dumps(usage.chat(), separators=(",", ":")).encode()
 
 

@@ -467,7 +467,7 @@ class AdminAPI:
         cfg, actor = self._need(request, "operator")
         body = await _body(request, ("reason",), ())
         reason = _check_text(body["reason"], "reason")
-        grant = await self.writes.set_grant_flag(
+        grant = await self.writes.apply_grant_action(
             actor, request.match_info["grant_id"], request.match_info["action"], reason
         )
         return web.json_response(grant_view(grant, cfg, time.time()))

@@ -526,7 +526,9 @@ class Writes:
             actor, "grant.enable", grant_id, lambda g: replace(g, enable_at=at)
         )
 
-    async def set_grant_flag(self, actor: Actor, grant_id: str, action: str, reason: str) -> Grant:
+    async def apply_grant_action(
+        self, actor: Actor, grant_id: str, action: str, reason: str
+    ) -> Grant:
         """``suspend``, ``reinstate`` or ``revoke`` (final)."""
         changes: dict[str, Callable[[Grant], Grant]] = {
             "suspend": lambda g: replace(g, suspended=True),

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from proxy import config
 from proxy.store.audit import read_entries, verify_chain
-from tests.integration.test_admin_api import (
+from tests.integration.conftest import (
     TOKENS,
     Admin,
     assert_error,

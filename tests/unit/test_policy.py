@@ -32,6 +32,7 @@ from proxy.policy import (
     missing_approvals,
 )
 from proxy.policy.eligibility import org_eligible
+from proxy.policy.grants import ANSWER
 
 CONFIG_YAML = """
 upstreams:
@@ -666,10 +667,12 @@ REQUIRED = ("provider", "government")
         (make_grant(enable_at=NOW + 60), NOW + 60, GrantState.ENABLED),
         (make_grant(), NOW, GrantState.ENABLED),
         (make_grant(suspended=True), NOW, GrantState.SUSPENDED),
-        (make_grant(suspended=True, approvals=()), NOW, GrantState.SUSPENDED),
+        # The state follows the decision's order: approvals (row 7) before suspension (row 9).
+        (make_grant(suspended=True, approvals=()), NOW, GrantState.REQUESTED),
         (make_grant(expires_at=NOW + 60), NOW, GrantState.ENABLED),
         (make_grant(expires_at=NOW + 60), NOW + 60, GrantState.EXPIRED),
-        (make_grant(expires_at=NOW - 1, suspended=True), NOW, GrantState.EXPIRED),
+        (make_grant(expires_at=NOW - 1, suspended=True), NOW, GrantState.SUSPENDED),
+        (make_grant(expires_at=NOW - 1, enable_at=None), NOW, GrantState.APPROVED),
         (make_grant(revoked=True), NOW, GrantState.REVOKED),
         (make_grant(revoked=True, suspended=True, expires_at=NOW - 1), NOW, GrantState.REVOKED),
     ],
@@ -694,16 +697,35 @@ def test_grant_state_is_derived_from_the_facts_and_the_clock(spec: GrantSpec, no
     signed_roles = len(set(signed.values()))
     if spec.revoked:
         expected = GrantState.REVOKED
-    elif spec.expires_at is not None and spec.expires_at <= now:
-        expected = GrantState.EXPIRED
-    elif spec.suspended:
-        expected = GrantState.SUSPENDED
     elif signed_roles == 0:
         expected = GrantState.REQUESTED
     elif signed_roles < len(REQUIRED):
         expected = GrantState.PENDING_REVIEW
-    elif spec.enable_at is not None and spec.enable_at <= now:
-        expected = GrantState.ENABLED
-    else:
+    elif spec.enable_at is None or spec.enable_at > now:
         expected = GrantState.APPROVED
+    elif spec.suspended:
+        expected = GrantState.SUSPENDED
+    elif spec.expires_at is not None and spec.expires_at <= now:
+        expected = GrantState.EXPIRED
+    else:
+        expected = GrantState.ENABLED
     assert grant_state(grant, REQUIRED, now) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    grant_specs(PREVIEW),
+    st.sampled_from(PROGRAMS[PREVIEW][0]),
+    st.sampled_from((NOW - HOUR, NOW, NOW + HOUR)),
+)
+def test_the_grant_state_is_what_the_decision_answers(
+    spec: GrantSpec, model: str, now: float
+) -> None:
+    """One ordering: a grant's state names the answer a request under it gets."""
+    grant = to_grant((PREVIEW, "api"), spec, "workspace:ws1")
+    state = grant_state(grant, REQUIRED, now)
+    decision = ask(make_facts((grant,)), model, now=now)
+    if state is not GrantState.REVOKED and not grant.covers_model(model):
+        assert (decision.code, decision.rule) == ("model_not_found", "grant.model_subset")
+    else:
+        assert (decision.code, decision.rule) == ANSWER[state]
