@@ -335,6 +335,26 @@ async def check_realtime(
     return lines
 
 
+async def check_multipart(
+    session: aiohttp.ClientSession, port: int, keys: dict[str, str]
+) -> list[str]:
+    """A multipart upload naming a preview model (an audio transcription) without a grant."""
+    form = aiohttp.FormData()
+    form.add_field("model", "gpt-5.6-sol")
+    form.add_field("file", b"RIFF....WAVEfmt ", filename="hello.wav", content_type="audio/wav")
+    async with session.post(
+        f"http://127.0.0.1:{port}/v1/audio/transcriptions",
+        data=form,
+        headers={"authorization": f"Bearer {keys['initech-lab']}"},
+    ) as resp:
+        got = str(resp.status)
+        if resp.status >= 400:
+            got += " " + (await resp.json())["error"]["code"]
+    title = "multipart 404 model_not_found: model form field read"
+    mark = "ok " if got == "404 model_not_found" else "?? "
+    return [f"  {mark}{title:<52} -> {got}"]
+
+
 async def demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
@@ -364,6 +384,7 @@ async def demo(args: argparse.Namespace) -> int:
             keys, cases = await seed(admin)
             results = await check_cases(session, args.port, keys, cases)
             results += await check_realtime(session, args.port, keys)
+            results += await check_multipart(session, args.port, keys)
         print(report(args, tokens, keys, cases, admin.commands, results), flush=True)
         await stop.wait()
     finally:
@@ -415,6 +436,9 @@ def report(
         "  # realtime: a WebSocket upgrade without a grant is refused before upgrading",
         f"  curl -si 'http://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol' {_WS_HEADERS} "
         f"-H 'authorization: Bearer {keys['initech-lab']}'",
+        "  # multipart: the model form field of an upload is read and decided (refused: no grant)",
+        f"  curl -s http://127.0.0.1:{port}/v1/audio/transcriptions -H 'authorization: Bearer "
+        f"{keys['initech-lab']}' -F model=gpt-5.6-sol -F file=@/etc/hostname",
         "  # what this key may use",
         f"  curl -s http://127.0.0.1:{port}/v1/models -H 'authorization: Bearer "
         f"{keys['acme-research']}'",
