@@ -251,6 +251,8 @@ class RateLimit:
     burst: int = setting(60, check=_non_negative)
     concurrent: int = setting(50, check=_positive)
     shadow: bool = setting(False)
+    # Input + output tokens per minute from metered usage (SPEC §6); None: no token limit.
+    tokens_per_minute: int | None = setting(None, check=_positive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +416,11 @@ class Pricing:  # USD per 1M tokens
 
 
 @dataclass(frozen=True, slots=True)
+class UsageConfig:
+    retention_days: int = setting(400, check=_positive)  # usage per UTC day kept this long
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = setting(10 * 1024 * 1024, check=_positive)
 
@@ -538,6 +545,7 @@ class Config:
     misuse: MisuseConfig = setting()
     rate_limits: RateLimits = setting()
     pricing: Pricing = setting()
+    usage: UsageConfig = setting()
     state_dir: str = setting(".state", restart=True)
     shutdown_grace_s: float = setting(30.0, check=_non_negative, convert=float)
     program_of_model: Mapping[str, str] = field(init=False, repr=False, compare=False)

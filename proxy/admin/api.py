@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,7 +32,7 @@ from proxy.policy.standing import Flag, Standing, StandingView, evaluate_standin
 from proxy.snapshot import Holder
 from proxy.store.audit import read_entries
 from proxy.store.schema import AUDIT_HEAD
-from proxy.store.usage import UsageStore
+from proxy.store.usage import UsageStore, day_of, days_between, sum_views
 from proxy.store.writes import (
     Actor,
     Conflict,
@@ -46,6 +46,7 @@ from proxy.store.writes import (
 
 PREFIX = "/admin/v1"
 MAX_AUDIT_PAGE = 1000
+MAX_USAGE_DAYS = 1000
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _SUBJECT = re.compile(r"(org|workspace):(.+)")
@@ -160,6 +161,18 @@ def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
             raise ApiError("invalid_body", f"parameter {name!r} given twice", name)
         out[name] = value
     return out
+
+
+def _day_param(q: dict[str, str], name: str, default: str) -> str:
+    if name not in q:
+        return default
+    value = q[name]
+    try:
+        if len(value) == 10:
+            return date.fromisoformat(value).isoformat()
+    except ValueError:
+        pass
+    raise ApiError("invalid_body", f"{name} must be a UTC day, YYYY-MM-DD", name)
 
 
 def _int_param(q: dict[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -534,13 +547,34 @@ class AdminAPI:
     # usage -----------------------------------------------------------------------
 
     async def get_usage(self, request: web.Request) -> web.Response:
-        self._need(request, "read")
-        _query(request, ())
+        """All-time totals; with ``from`` and/or ``to`` (UTC days, ``YYYY-MM-DD``, both
+        included; ``to`` defaults to today, ``from`` to ``to``) the sum over those days and each
+        day."""
+        cfg, _ = self._need(request, "read")
+        q = _query(request, ("from", "to"))
         ws_id = request.match_info["ws"]
         if await self.writes.workspace(ws_id) is None:
             raise NotFound(f"workspace {ws_id} not found")
-        totals = await UsageStore(self.redis).read(ws_id)
-        return web.json_response({"workspace": ws_id, **totals})
+        store = UsageStore(self.redis)
+        if not q:
+            return web.json_response({"workspace": ws_id, **await store.read(ws_id)})
+        last = _day_param(q, "to", day_of(time.time()))
+        first = _day_param(q, "from", last)
+        if first > last:
+            raise ApiError("invalid_body", "from must not be after to", "from")
+        days = days_between(first, last)
+        if len(days) > MAX_USAGE_DAYS:
+            raise ApiError("invalid_body", f"at most {MAX_USAGE_DAYS} days at once", "from")
+        per_day = await store.read_days(ws_id, days)
+        answer = {
+            "workspace": ws_id,
+            "from": first,
+            "to": last,
+            "retention_days": cfg.usage.retention_days,
+            **sum_views(per_day),
+            "days": per_day,
+        }
+        return web.json_response(answer)
 
     # config ----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from proxy import identity, metrics
 from proxy.dataplane import headers as hdrs
 from proxy.dataplane.batches import upload_batch_file
 from proxy.dataplane.forward import UpstreamError, client_timeout, forward
+from proxy.dataplane.usage_stream import wants_usage_added, with_usage_asked
 from proxy.errors import CODES, DEFAULT_BODIES, error_json
 from proxy.metering import Meter
 from proxy.policy import Decision, RequestInfo, decide, decide_models
@@ -52,6 +53,7 @@ class Admission:
     refused: web.StreamResponse | None = None
     headers: Mapping[str, str] | None = None  # set on the response before its first byte
     release: Callable[[], Awaitable[None]] | None = None  # run when the request ends
+    on_tokens: Callable[[int], None] | None = None  # the metered tokens of the answer
 
 
 ADMITTED = Admission()
@@ -281,6 +283,17 @@ class DataPlane:
             return deny_response(decision.code, rid, message, extra)
 
         assert named is not None  # a body error was refused above
+        hide_usage = False
+        doc = named.doc if not named.encoded else None  # a compressed body is sent as received
+        if (
+            self.meter is not None
+            and isinstance(doc, dict)
+            and wants_usage_added(request.method, upstream_path, doc)
+        ):
+            asked = with_usage_asked(body, doc)
+            if asked is not None:
+                body, hide_usage = asked, True
+
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
@@ -318,6 +331,8 @@ class DataPlane:
                 product,
                 program,
                 started,
+                hide_usage,
+                admission.on_tokens,
             )
         finally:
             if admission.release is not None:
@@ -412,6 +427,8 @@ class DataPlane:
         product: str,
         program: str,
         started: float,
+        hide_usage: bool,
+        on_tokens: Callable[[int], None] | None,
     ) -> web.StreamResponse:
         cfg = snap.config
         upstream = cfg.upstreams[upstream_name]
@@ -476,8 +493,16 @@ class DataPlane:
                 extra_response_headers=response_headers,
                 strip_response_headers=snap.strip_response_headers,
                 on_upstream_headers=on_headers,
+                hide_usage=hide_usage,
             )
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler): the request had gone upstream.
+            if self.meter is not None:
+                self.meter.unmetered(program, "incomplete")
+            raise
         except UpstreamError as exc:
+            if exc.answered and self.meter is not None:
+                self.meter.unmetered(program, "incomplete")
             self._count(product, program, exc.code, started)
             return deny_response(exc.code, rid)
         model = named.models[0] if named.models else None
@@ -485,12 +510,14 @@ class DataPlane:
         if ttfb is None:
             ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
         ttfb.observe(result.ttfb_seconds)
-        if self.meter is not None and result.completed:
+        if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
             # (a small body goes out when this returns, after one JSON parse).
-            self.meter.record(
+            usage = self.meter.record(
                 facts.workspace.workspace_id, program, product, model, result, cfg.pricing
             )
+            if usage is not None and on_tokens is not None:
+                on_tokens(usage.prompt + usage.output)
         self._count(product, program, "ok", started)
         return result.response
 

@@ -54,6 +54,11 @@ def scaled(limit: RateLimit, factor: float) -> RateLimit:
         burst=max(0, int(limit.burst * factor)),
         concurrent=max(1, int(limit.concurrent * factor)),
         shadow=limit.shadow,
+        tokens_per_minute=(
+            None
+            if limit.tokens_per_minute is None
+            else max(1, int(limit.tokens_per_minute * factor))
+        ),
     )
 
 

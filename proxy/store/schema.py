@@ -11,7 +11,9 @@ Keys (all under the ``ap:`` prefix):
 - ``ap:orgws:{org}`` set of the org's workspaces
 - ``ap:audit`` list of JSON entries; ``ap:audit:head`` hash: seq, hash
 - ``ap:rl:*``, ``ap:cc:*``, ``ap:replicas``: rate limits (``ratelimit.py``)
-- ``ap:usage:{ws}`` hash of usage and cost counters (``usage.py``)
+- ``ap:usage:{ws}`` hash of usage and cost counters (``usage.py``); ``ap:usage-day:{ws}:{date}``
+  the same for one UTC day (``YYYY-MM-DD``), expiring after the configured retention
+- ``ap:tk:{ws}:{program}``: tokens spent against ``tokens_per_minute`` (``ratelimit.lua``)
 - ``ap:batchfile:{file_id}`` hash: models (JSON list), workspace, at — the models the lines of a
   batch input file name, recorded at upload (``batchfiles.py``)
 Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{id}``,
@@ -72,6 +74,20 @@ def org_workspaces_key(org: str) -> str:
 
 def batch_file_key(file_id: str) -> str:
     return f"ap:batchfile:{file_id}"
+
+
+def usage_key(ws: str) -> str:
+    return f"ap:usage:{ws}"
+
+
+def usage_day_key(ws: str, day: str) -> str:
+    """Usage of one UTC day; ``day`` is ``YYYY-MM-DD`` (fixed length, so never ambiguous)."""
+    return f"ap:usage-day:{ws}:{day}"
+
+
+def token_key(ws: str, program: str | None) -> str:
+    """The token bucket of a workspace and program (a GCRA arrival time, as ``ap:rl:*``)."""
+    return f"ap:tk:{ws}:{program or '-'}"
 
 
 def grant_slot(program: str, product: str) -> str:

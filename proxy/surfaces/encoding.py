@@ -91,11 +91,11 @@ def _zlib(data: bytes, wbits: int, limit: int, *, members: bool) -> bytes:
 def _brotli(data: bytes, limit: int) -> bytes:
     out = bytearray()
     d = brotli.Decompressor()
-    out += d.process(data, output_buffer_limit=_STEP)  # type: ignore[call-arg]
+    out += d.process(data, output_buffer_limit=_STEP)
     while not d.is_finished():
         if len(out) > limit:
             raise too_large(limit)
-        chunk = d.process(b"", output_buffer_limit=_STEP)  # type: ignore[call-arg]
+        chunk = d.process(b"", output_buffer_limit=_STEP)
         if not chunk:
             raise invalid("The compressed request body ends early.")
         out += chunk

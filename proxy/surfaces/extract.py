@@ -39,6 +39,7 @@ class Named:
     doc: Any = None  # the parsed JSON body, when it was JSON
     batch_file: bool = False  # an upload with purpose batch: record its models
     input_file_id: str | None = None  # POST /v1/batches: decide the file's recorded models
+    encoded: bool = False  # the body came compressed (``doc`` is of the decoded bytes)
 
 
 class _Names:
@@ -88,6 +89,7 @@ def named_models(
             codings = encoding.codings_of(content_encodings)
             if codings:
                 body = encoding.decode(body, codings, limit)
+                named.encoded = True
         _read_body(named, names, body, content_types, limit)
     if names.first is not None:
         norm = names.norm
