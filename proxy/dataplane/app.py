@@ -283,17 +283,7 @@ class DataPlane:
             return deny_response(decision.code, rid, message, extra)
 
         assert named is not None  # a body error was refused above
-        hide_usage = False
-        doc = named.doc if not named.encoded else None  # a compressed body is sent as received
-        if (
-            self.meter is not None
-            and isinstance(doc, dict)
-            and wants_usage_added(request.method, upstream_path, doc)
-        ):
-            asked = with_usage_asked(body, doc)
-            if asked is not None:
-                body, hide_usage = asked, True
-
+        doc: Any = named.doc if not named.encoded else None  # compressed: sent as received
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
@@ -303,6 +293,11 @@ class DataPlane:
                 return admission.refused
             if admission.headers:
                 response_headers.update(admission.headers)
+        hide_usage = False  # the classifier (above) saw the client's body as sent
+        if self.meter is not None and wants_usage_added(request.method, upstream_path, doc):
+            asked = with_usage_asked(body, doc)
+            if asked is not None:
+                body, hide_usage = asked, True
         try:
             if websocket is not None:
                 return await self._relay_websocket(

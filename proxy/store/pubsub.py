@@ -30,8 +30,13 @@ async def subscribe_forever(
             on_subscribed()
             connected.set()
             backoff = 0.05
+            task = asyncio.current_task()
             while True:
                 msg = await pubsub.get_message(timeout=1.0)
+                # redis-py's read timeout can swallow a cancel that lands as it expires (a stop
+                # right after the start hung here): a pending cancel ends the loop regardless.
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
                 if msg is not None and msg.get("type") == "message":
                     on_message(msg["data"])
         except asyncio.CancelledError:
