@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy import config as config_mod
 from proxy import env, eventloop, identity, metrics, startup
 from proxy.admin.api import AdminContext, admin_app
+from proxy.background import Task, every
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
 from proxy.dataplane.app import DataPlane, DataServer, Hooks
@@ -119,7 +119,12 @@ class Proxy:
         )
         dataplane = self.dataplane
         copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)
-        self.inflight_task = asyncio.create_task(_every(1.0, copy)) if copy else None
+        self.inflight = Task(
+            "inflight-gauge",
+            lambda: every(1.0, copy or (lambda: None), "in-flight gauge", first_wait=False),
+        )
+        if copy is not None:
+            self.inflight.start()
 
         # No access log on the data listener: no per-request logging on the hot path.
         server = DataServer(self.dataplane.handle, handler_cancellation=True, access_log=None)
@@ -211,8 +216,7 @@ class Proxy:
         self.draining = True
         await self.sessions.stop()  # a session may last hours: it is ended, not drained
         await self.data_runner.cleanup()
-        if self.inflight_task is not None:
-            self.inflight_task.cancel()
+        await self.inflight.stop()
         await self.admin_runner.cleanup()
         if self.reloader is not None:
             await self.reloader.stop()
@@ -224,12 +228,6 @@ class Proxy:
         for client in (self.fast_redis, self.admin_redis, self.sub_redis):
             with contextlib.suppress(Exception):
                 await client.aclose()
-
-
-async def _every(period: float, fn: Callable[[], None]) -> None:
-    while True:
-        fn()
-        await asyncio.sleep(period)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

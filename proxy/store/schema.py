@@ -37,6 +37,7 @@ PREFIX = "ap:"
 INVALIDATION_CHANNEL = "ap:invalidate"
 AUDIT_LIST = "ap:audit"
 AUDIT_HEAD = "ap:audit:head"
+GRANT_PATTERN = "ap:grant:*"  # every grant_key
 FLUSH_ALL = "*"
 
 
