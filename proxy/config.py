@@ -423,6 +423,9 @@ class UsageConfig:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = setting(10 * 1024 * 1024, check=_positive)
+    # Slow clients (SPEC §3.5): a request head must be whole, and a body must not stall, in time.
+    client_header_timeout_s: float = setting(30.0, check=_positive)
+    client_body_timeout_s: float = setting(60.0, check=_positive)
 
 
 def _read_upstreams(

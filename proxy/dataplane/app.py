@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import identity, metrics
@@ -108,7 +107,7 @@ _RID_PREFIX = secrets.token_hex(4)
 _rid_seq = itertools.count(1)
 
 
-def _request_id() -> str:
+def new_request_id() -> str:
     """Unique per process start (random prefix) and per request (sequence): no syscall."""
     return f"{_RID_PREFIX}{next(_rid_seq):08x}"
 
@@ -201,7 +200,7 @@ class DataPlane:
     async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
         snap = self.holder.current
         cfg = snap.config
-        rid = _request_id()
+        rid = new_request_id()
         path, _, query = request.raw_path.partition("?")
 
         # Row 1: route.
@@ -567,47 +566,3 @@ class DataPlane:
             body=json.dumps(doc).encode(),
             headers={"x-request-id": rid, "content-type": _JSON},
         )
-
-
-class _DataRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own errors in the OpenAI error shape.
-
-    aiohttp refuses ambiguous framing (Content-Length with Transfer-Encoding, conflicting
-    Content-Lengths) and malformed requests in its parser, before any handler runs; this keeps
-    those answers to the contract: JSON error body and an ``x-request-id``.
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        if status >= 500:
-            self.log_exception("error handling request", exc_info=exc)
-            code = "internal_error"
-        else:
-            log.debug("refused a malformed request: %s", message)
-            code = "request_too_large" if status == 413 else "invalid_request"
-        detail = None if status >= 500 else f"Malformed HTTP request: {message or status}."
-        response = deny_response(code, _request_id(), detail)
-        response.force_close()
-        return response
-
-
-class DataServer(web.Server):
-    """The low-level server for the data listener (see ``_DataRequestHandler``).
-
-    Request bodies are taken as received (``auto_decompress=False``): a compressed body is
-    decoded by ``proxy.surfaces`` to be read, under the body limit, and forwarded as it came.
-    """
-
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("auto_decompress", False)
-        super().__init__(handler, **kwargs)
-
-    def __call__(self) -> RequestHandler:
-        return _DataRequestHandler(self, loop=self._loop, **self._kwargs)
