@@ -164,6 +164,7 @@ def explain_facts(
                 "burst": rl.burst,
                 "concurrent": rl.concurrent,
                 "shadow": rl.shadow,
+                "tokens_per_minute": rl.tokens_per_minute,
             }
     if decision.retry_after is not None:
         extra["retry_after"] = decision.retry_after

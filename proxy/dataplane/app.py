@@ -283,7 +283,6 @@ class DataPlane:
             return deny_response(decision.code, rid, message, extra)
 
         assert named is not None  # a body error was refused above
-        doc: Any = named.doc if not named.encoded else None  # compressed: sent as received
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
@@ -293,9 +292,11 @@ class DataPlane:
                 return admission.refused
             if admission.headers:
                 response_headers.update(admission.headers)
-        hide_usage = False  # the classifier (above) saw the client's body as sent
-        if self.meter is not None and wants_usage_added(request.method, upstream_path, doc):
-            asked = with_usage_asked(body, doc)
+        # After the classifier, which saw the client's body as sent. A compressed body is sent
+        # on rewritten and uncompressed (its Content-Encoding dropped in _forward).
+        hide_usage = False
+        if self.meter is not None and wants_usage_added(request.method, upstream_path, named.doc):
+            asked = with_usage_asked(body, named.doc, reserialize=named.encoded)
             if asked is not None:
                 body, hide_usage = asked, True
         try:
@@ -327,6 +328,7 @@ class DataPlane:
                 program,
                 started,
                 hide_usage,
+                hide_usage and named.encoded,
                 admission.on_tokens,
             )
         finally:
@@ -423,6 +425,7 @@ class DataPlane:
         program: str,
         started: float,
         hide_usage: bool,
+        body_decoded: bool,
         on_tokens: Callable[[int], None] | None,
     ) -> web.StreamResponse:
         cfg = snap.config
@@ -437,6 +440,8 @@ class DataPlane:
             request_id=rid,
             host=request.host,
         )
+        if body_decoded:
+            out_headers.popall("Content-Encoding", None)
         if named.endpoint.kind == "model_list":
             return await self._models(
                 snap, upstream_name, url_path, out_headers, facts, product, rid, started
