@@ -32,9 +32,10 @@ and ``forward`` returns ``completed=False``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -58,10 +59,34 @@ _SKIP_AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.C
 class UpstreamError(Exception):
     """The upstream could not be reached or did not answer in time, before any response byte."""
 
-    def __init__(self, code: str, message: str, *, answered: bool = False) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        answered: bool = False,
+        client_message: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.answered = answered  # the upstream had started answering (tokens may be spent)
+        self.client_message = client_message  # None: the error table's message
+
+
+@contextlib.contextmanager
+def upstream_errors() -> Iterator[None]:
+    """The one mapping of a failed exchange with the upstream (before its answer) to a code: a
+    timeout is 504 ``upstream_timeout``; a refused, reset or broken connection is 502
+    ``upstream_unavailable``. Raises ``UpstreamError``."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "first byte"
+        raise UpstreamError("upstream_timeout", f"upstream {phase} timed out") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError("upstream_unavailable", "upstream unreachable") from exc
 
 
 @dataclass(slots=True)
@@ -149,7 +174,7 @@ async def forward(
     """
     timeouts = upstream.timeouts
     started = time.monotonic()
-    try:
+    with upstream_errors():
         upstream_resp = await session.request(
             request.method,
             URL(upstream.url + url_path, encoded=True),
@@ -158,26 +183,12 @@ async def forward(
             allow_redirects=False,
             timeout=client_timeout(timeouts),
         )
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "first byte"
-        raise UpstreamError("upstream_timeout", f"upstream {phase} timed out") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError("upstream_unavailable", "upstream unreachable") from exc
     ttfb = time.monotonic() - started
 
     completed = False
     try:
         content = upstream_resp.content
-        connection = upstream_resp.connection
-        if connection is not None and not content.is_eof():
-            protocol = connection.protocol
-            if protocol is not None:
-                protocol.read_timeout = timeouts.idle_s
-                protocol.start_timeout()
-                closed = protocol.closed
-                if closed is not None:
-                    closed.add_done_callback(functools.partial(_end_unfinished, content))
-
+        _watch_body(upstream_resp, timeouts.idle_s)
         upstream_headers = upstream_resp.headers
         if on_upstream_headers is not None:
             on_upstream_headers(upstream_headers)
@@ -194,36 +205,12 @@ async def forward(
         capture = Capture(is_stream, encoding, capture_limit)
         hider: UsageHider | None = None
         if hide_usage and is_stream and status == 200:
-            side = Capture(True, None, capture_limit)
-            try:
-                hider = UsageHider(encoding, side.feed)
-            except DecodeError:
-                pass  # an unknown coding: relayed as sent, and counted unreadable
-            else:
-                # The edited stream goes out uncompressed and framed again by this server.
-                capture = side
-                response.headers.popall(hdrs.CONTENT_ENCODING, None)
-                response.headers.popall(hdrs.CONTENT_LENGTH, None)
+            hider, capture = _hide_usage(response, encoding, capture, capture_limit)
 
-        declared = upstream_resp.content_length
-        small = declared is not None and declared <= WHOLE_BODY_BYTES
-        if hider is None and not is_stream and small:
-            # A small body of known length is usually in hand already: answer it in one
-            # write.
-            try:
-                whole = await content.read()
-            except TimeoutError as exc:  # idle_s passed with the body unfinished
-                raise UpstreamError(
-                    "upstream_timeout", "upstream stalled mid-body", answered=True
-                ) from exc
-            except (aiohttp.ClientError, OSError) as exc:  # closed, reset or broken framing
-                raise UpstreamError(
-                    "upstream_unavailable", "upstream broke off mid-body", answered=True
-                ) from exc
-            if len(whole) != declared:
-                raise UpstreamError(
-                    "upstream_unavailable", "upstream closed mid-body", answered=True
-                )
+        # A small body of known length is usually in hand already: answer it in one write.
+        declared = _small_length(upstream_resp)
+        if declared is not None and hider is None and not is_stream:
+            whole = await _read_whole(content, declared)
             response = web.Response(
                 status=status, reason=upstream_resp.reason, body=whole, headers=response.headers
             )
@@ -242,6 +229,58 @@ async def forward(
             upstream_resp.release()
         else:
             upstream_resp.close()
+
+
+def _small_length(upstream_resp: aiohttp.ClientResponse) -> int | None:
+    """The declared length of a body small enough for one write, else None."""
+    declared = upstream_resp.content_length
+    return declared if declared is not None and declared <= WHOLE_BODY_BYTES else None
+
+
+def _watch_body(upstream_resp: aiohttp.ClientResponse, idle_s: float) -> None:
+    """Arm the idle timeout between body chunks, and end a body the upstream cuts short."""
+    content = upstream_resp.content
+    connection = upstream_resp.connection
+    if connection is None or content.is_eof():
+        return
+    protocol = connection.protocol
+    if protocol is not None:
+        protocol.read_timeout = idle_s
+        protocol.start_timeout()
+        closed = protocol.closed
+        if closed is not None:
+            closed.add_done_callback(functools.partial(_end_unfinished, content))
+
+
+def _hide_usage(
+    response: web.StreamResponse, encoding: str | None, capture: Capture, capture_limit: int
+) -> tuple[UsageHider | None, Capture]:
+    """A hider of the usage chunk the proxy asked for, and the capture it feeds; none for a
+    coding it cannot read (the stream is then relayed as sent, and counted unreadable)."""
+    side = Capture(True, None, capture_limit)
+    try:
+        hider = UsageHider(encoding, side.feed)
+    except DecodeError:
+        return None, capture
+    # The edited stream goes out uncompressed and framed again by this server.
+    response.headers.popall(hdrs.CONTENT_ENCODING, None)
+    response.headers.popall(hdrs.CONTENT_LENGTH, None)
+    return hider, side
+
+
+async def _read_whole(content: aiohttp.StreamReader, declared: int) -> bytes:
+    """A body of ``declared`` length, read whole; the upstream cutting it short is an error."""
+    try:
+        whole = await content.read()
+    except TimeoutError as exc:  # idle_s passed with the body unfinished
+        raise UpstreamError("upstream_timeout", "upstream stalled mid-body", answered=True) from exc
+    except (aiohttp.ClientError, OSError) as exc:  # closed, reset or broken framing
+        raise UpstreamError(
+            "upstream_unavailable", "upstream broke off mid-body", answered=True
+        ) from exc
+    if len(whole) != declared:
+        raise UpstreamError("upstream_unavailable", "upstream closed mid-body", answered=True)
+    return whole
 
 
 def _result(
