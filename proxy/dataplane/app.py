@@ -163,9 +163,10 @@ class DataPlane:
         self.hooks = hooks or Hooks()
         self.meter = meter
         self.batch_files = batch_files
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._ttfb: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, str], metrics.Counts] = {}
+        self._durations: dict[str, metrics.Observes] = {}
+        self._ttfb: dict[str, metrics.Observes] = {}
+        self._decision = metrics.spread(metrics.DECISION_DURATION)
         self._verified: dict[str, int] = {}
         self.inflight = 0  # read by the inflight gauge (see metrics.track_inflight)
         self._releases: set[asyncio.Future[None]] = set()
@@ -176,11 +177,11 @@ class DataPlane:
         key = (product, program, code)
         counter = self._requests.get(key)
         if counter is None:
-            counter = self._requests[key] = metrics.REQUESTS.labels(product, program, code)
+            counter = self._requests[key] = metrics.tally(metrics.REQUESTS, *key)
         counter.inc()
         hist = self._durations.get(product)
         if hist is None:
-            hist = self._durations[product] = metrics.REQUEST_DURATION.labels(product)
+            hist = self._durations[product] = metrics.spread(metrics.REQUEST_DURATION, product)
         hist.observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ the handler
@@ -267,7 +268,7 @@ class DataPlane:
             body_error.code if body_error else None,
             body_error.message if body_error else None,
         )
-        metrics.DECISION_DURATION.observe(time.perf_counter() - started)
+        self._decision.observe(time.perf_counter() - started)
         program = decision.program.name if decision.program is not None else "none"
         for rule in decision.shadow_rules:
             metrics.SHADOW_DECISIONS.labels(rule).inc()
@@ -507,7 +508,7 @@ class DataPlane:
         model = named.models[0] if named.models else None
         ttfb = self._ttfb.get(upstream_name)
         if ttfb is None:
-            ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
+            ttfb = self._ttfb[upstream_name] = metrics.spread(metrics.UPSTREAM_TTFB, upstream_name)
         ttfb.observe(result.ttfb_seconds)
         if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
