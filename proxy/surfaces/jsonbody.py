@@ -15,6 +15,7 @@ from typing import Any
 from proxy.surfaces.errors import invalid
 
 MAX_DEPTH = 64
+_COUNT_BELOW = 4096
 _MODEL_KEY = b'"model"'
 _ESCAPED_LETTER = re.compile(rb"\\u00[4-7]")
 
@@ -42,7 +43,10 @@ def loads(body: bytes, *, strict: bool = False) -> Any:
         raise invalid(f"The JSON body is nested deeper than {MAX_DEPTH} levels.") from None
     except (ValueError, UnicodeDecodeError):
         raise invalid("The request body is not valid JSON.") from None
-    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _too_deep(doc):
+    # Deeper than 64 needs 65 openers; a large body is walked without counting them first.
+    if (len(body) > _COUNT_BELOW or body.count(b"{") + body.count(b"[") > MAX_DEPTH) and _too_deep(
+        doc
+    ):
         raise invalid(f"The JSON body is nested deeper than {MAX_DEPTH} levels.")
     return doc
 
