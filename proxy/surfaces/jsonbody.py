@@ -78,6 +78,15 @@ def object_models(body: bytes) -> tuple[Any, list[str]]:
     doc = loads(body)
     if type(doc) is not dict:
         return doc, []
+    model = doc.get("model")
+    if (  # the common case: one plain model key, no session, nothing that could hide another
+        type(model) is str
+        and "session" not in doc
+        and body.count(_MODEL_KEY) == 1
+        and b"\\u00" not in body
+        and model.strip()
+    ):
+        return doc, [model]
     names, keys = _models_in(doc)
     if body.count(_MODEL_KEY) != keys or (b"\\u00" in body and _ESCAPED_LETTER.search(body)):
         doc = loads(body, strict=True)  # refuses the duplicates; else the same document
