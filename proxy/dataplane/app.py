@@ -163,9 +163,10 @@ class DataPlane:
         self.hooks = hooks or Hooks()
         self.meter = meter
         self.batch_files = batch_files
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._ttfb: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, str], metrics.Counts] = {}
+        self._durations: dict[str, metrics.Observes] = {}
+        self._ttfb: dict[str, metrics.Observes] = {}
+        self._decision = metrics.spread(metrics.DECISION_DURATION)
         self._verified: dict[str, int] = {}
         self.inflight = 0  # read by the inflight gauge (see metrics.track_inflight)
         self._releases: set[asyncio.Future[None]] = set()
@@ -176,11 +177,11 @@ class DataPlane:
         key = (product, program, code)
         counter = self._requests.get(key)
         if counter is None:
-            counter = self._requests[key] = metrics.REQUESTS.labels(product, program, code)
+            counter = self._requests[key] = metrics.tally(metrics.REQUESTS, *key)
         counter.inc()
         hist = self._durations.get(product)
         if hist is None:
-            hist = self._durations[product] = metrics.REQUEST_DURATION.labels(product)
+            hist = self._durations[product] = metrics.spread(metrics.REQUEST_DURATION, product)
         hist.observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ the handler
@@ -267,7 +268,7 @@ class DataPlane:
             body_error.code if body_error else None,
             body_error.message if body_error else None,
         )
-        metrics.DECISION_DURATION.observe(time.perf_counter() - started)
+        self._decision.observe(time.perf_counter() - started)
         program = decision.program.name if decision.program is not None else "none"
         for rule in decision.shadow_rules:
             metrics.SHADOW_DECISIONS.labels(rule).inc()
@@ -282,7 +283,6 @@ class DataPlane:
             return deny_response(decision.code, rid, message, extra)
 
         assert named is not None  # a body error was refused above
-        doc: Any = named.doc if not named.encoded else None  # compressed: sent as received
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
@@ -292,9 +292,11 @@ class DataPlane:
                 return admission.refused
             if admission.headers:
                 response_headers.update(admission.headers)
-        hide_usage = False  # the classifier (above) saw the client's body as sent
-        if self.meter is not None and wants_usage_added(request.method, upstream_path, doc):
-            asked = with_usage_asked(body, doc)
+        # After the classifier, which saw the client's body as sent. A compressed body is sent
+        # on rewritten and uncompressed (its Content-Encoding dropped in _forward).
+        hide_usage = False
+        if self.meter is not None and wants_usage_added(request.method, upstream_path, named.doc):
+            asked = with_usage_asked(body, named.doc, reserialize=named.encoded)
             if asked is not None:
                 body, hide_usage = asked, True
         try:
@@ -326,6 +328,7 @@ class DataPlane:
                 program,
                 started,
                 hide_usage,
+                hide_usage and named.encoded,
                 admission.on_tokens,
             )
         finally:
@@ -422,6 +425,7 @@ class DataPlane:
         program: str,
         started: float,
         hide_usage: bool,
+        body_decoded: bool,
         on_tokens: Callable[[int], None] | None,
     ) -> web.StreamResponse:
         cfg = snap.config
@@ -436,6 +440,8 @@ class DataPlane:
             request_id=rid,
             host=request.host,
         )
+        if body_decoded:
+            out_headers.popall("Content-Encoding", None)
         if named.endpoint.kind == "model_list":
             return await self._models(
                 snap, upstream_name, url_path, out_headers, facts, product, rid, started
@@ -502,7 +508,7 @@ class DataPlane:
         model = named.models[0] if named.models else None
         ttfb = self._ttfb.get(upstream_name)
         if ttfb is None:
-            ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
+            ttfb = self._ttfb[upstream_name] = metrics.spread(metrics.UPSTREAM_TTFB, upstream_name)
         ttfb.observe(result.ttfb_seconds)
         if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
