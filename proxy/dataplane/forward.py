@@ -2,7 +2,9 @@
 
 One shared :class:`aiohttp.ClientSession` serves every upstream. Bytes are relayed as they
 arrive, never decoded or buffered: no decompression, no cookie jar, no headers added by the
-client library, no redirects followed.
+client library, no redirects followed. The meter reads a bounded, decoded side copy
+(``proxy.dataplane.capture``). The one exception to "as sent": a chat stream whose usage the
+proxy asked for on the client's behalf, edited back event by event (``usage_stream``).
 
 Timeouts, each independent of the others:
 
@@ -188,7 +190,7 @@ async def forward(
     completed = False
     try:
         content = upstream_resp.content
-        _watch_body(upstream_resp, timeouts.idle_s)
+        _watch_idle(upstream_resp, timeouts.idle_s)
         upstream_headers = upstream_resp.headers
         if on_upstream_headers is not None:
             on_upstream_headers(upstream_headers)
@@ -201,11 +203,13 @@ async def forward(
 
         content_type = upstream_headers.get(hdrs.CONTENT_TYPE, "")
         is_stream = content_type.lower().startswith("text/event-stream")
-        encoding = upstream_headers.get(hdrs.CONTENT_ENCODING)
-        capture = Capture(is_stream, encoding, capture_limit)
-        hider: UsageHider | None = None
-        if hide_usage and is_stream and status == 200:
-            hider, capture = _hide_usage(response, encoding, capture, capture_limit)
+        capture, hider = _side_copy(
+            response,
+            is_stream,
+            upstream_headers.get(hdrs.CONTENT_ENCODING),
+            capture_limit,
+            hide_usage and is_stream and status == 200,
+        )
 
         # A small body of known length is usually in hand already: answer it in one write.
         declared = _small_length(upstream_resp)
@@ -237,8 +241,8 @@ def _small_length(upstream_resp: aiohttp.ClientResponse) -> int | None:
     return declared if declared is not None and declared <= WHOLE_BODY_BYTES else None
 
 
-def _watch_body(upstream_resp: aiohttp.ClientResponse, idle_s: float) -> None:
-    """Arm the idle timeout between body chunks, and end a body the upstream cuts short."""
+def _watch_idle(upstream_resp: aiohttp.ClientResponse, idle_s: float) -> None:
+    """Switch the connection's read timeout to ``idle_s`` for the body (see the module doc)."""
     content = upstream_resp.content
     connection = upstream_resp.connection
     if connection is None or content.is_eof():
@@ -252,24 +256,7 @@ def _watch_body(upstream_resp: aiohttp.ClientResponse, idle_s: float) -> None:
             closed.add_done_callback(functools.partial(_end_unfinished, content))
 
 
-def _hide_usage(
-    response: web.StreamResponse, encoding: str | None, capture: Capture, capture_limit: int
-) -> tuple[UsageHider | None, Capture]:
-    """A hider of the usage chunk the proxy asked for, and the capture it feeds; none for a
-    coding it cannot read (the stream is then relayed as sent, and counted unreadable)."""
-    side = Capture(True, None, capture_limit)
-    try:
-        hider = UsageHider(encoding, side.feed)
-    except DecodeError:
-        return None, capture
-    # The edited stream goes out uncompressed and framed again by this server.
-    response.headers.popall(hdrs.CONTENT_ENCODING, None)
-    response.headers.popall(hdrs.CONTENT_LENGTH, None)
-    return hider, side
-
-
-async def _read_whole(content: aiohttp.StreamReader, declared: int) -> bytes:
-    """A body of ``declared`` length, read whole; the upstream cutting it short is an error."""
+async def _read_whole(content: aiohttp.StreamReader, declared: int | None) -> bytes:
     try:
         whole = await content.read()
     except TimeoutError as exc:  # idle_s passed with the body unfinished
@@ -281,6 +268,29 @@ async def _read_whole(content: aiohttp.StreamReader, declared: int) -> bytes:
     if len(whole) != declared:
         raise UpstreamError("upstream_unavailable", "upstream closed mid-body", answered=True)
     return whole
+
+
+def _side_copy(
+    response: web.StreamResponse,
+    is_stream: bool,
+    encoding: str | None,
+    capture_limit: int,
+    hide_usage: bool,
+) -> tuple[Capture, UsageHider | None]:
+    """The meter's copy of the answer, and the :class:`UsageHider` of a stream whose usage the
+    proxy asked for (that stream then goes out edited, uncompressed and framed again by this
+    server; an unknown coding leaves it as sent, counted unreadable)."""
+    capture = Capture(is_stream, encoding, capture_limit)
+    if not hide_usage:
+        return capture, None
+    side = Capture(True, None, capture_limit)
+    try:
+        hider = UsageHider(encoding, side.feed)
+    except DecodeError:
+        return capture, None
+    response.headers.popall(hdrs.CONTENT_ENCODING, None)
+    response.headers.popall(hdrs.CONTENT_LENGTH, None)
+    return side, hider
 
 
 def _result(
