@@ -152,6 +152,12 @@ UNMETERED = Counter(
 )
 
 
+ACCESS_LOG_DROPPED = Counter(
+    "access_proxy_access_log_dropped_total",
+    "Access log lines dropped because the queue was full or the sink failed.",
+)
+
+
 def track_inflight(read: Callable[[], float], multiprocess: bool) -> Callable[[], None] | None:
     """Make the inflight gauge read the data plane's own counter.
 

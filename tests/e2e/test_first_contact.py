@@ -249,6 +249,11 @@ def test_make_demo_from_a_fresh_clone(tmp_path: Path, isolated: list[Isolated]) 
     done = run.shell(metrics.group(1))
     assert 'code="ok"' in done.stdout and 'code="access_suspended"' in done.stdout, done.stdout
 
+    access_log = re.search(r"^Access log .*: tail -f (\S+)$", out, re.M)
+    assert access_log is not None, out
+    lines = [json.loads(x) for x in (clone / access_log.group(1)).read_text().splitlines()]
+    assert {"ok", "access_suspended"} <= {line["code"] for line in lines}, lines
+
     run.ctrl_c()
     assert "Traceback" not in run.output(), run.output()
     assert_all_gone(clone)
