@@ -2,12 +2,12 @@
 
 The handler fills an :class:`Entry` as the request goes and hands it to :meth:`AccessLog.submit`
 when the answer is done. ``submit`` applies the mode and the sampling (allowed requests only;
-denials are never sampled) and appends the entry to a bounded queue, or counts it in
-``access_proxy_access_log_dropped_total`` when the queue is full: no I/O, no lock, no encoding
-on the request path. A writer thread encodes the queued entries and writes them in batches to
-``stderr`` or a file; a slow or blocked sink stalls only that thread, and the queue's bound turns
-the backlog into counted drops. ``reopen()`` (SIGUSR1) makes the writer reopen its file before
-the next batch, for log rotation.
+denials are never sampled) and appends the entry to a queue bounded by ``queue_lines``, or
+counts it in ``access_proxy_access_log_dropped_total`` when the queue is full: no I/O, no lock,
+no encoding on the request path. A writer thread encodes the queued entries and writes them in
+batches to ``stderr`` or a file; a slow or blocked sink stalls only that thread, and the queue's
+bound turns the backlog into counted drops. ``reopen()`` (SIGUSR1) makes the writer reopen its
+file before the next batch, for log rotation.
 
 An entry holds ids, names, codes and numbers: never a key (only its public ``key_id``), a body,
 or the upstream credential.
@@ -33,7 +33,6 @@ from proxy.config import AccessLogConfig
 log = logging.getLogger(__name__)
 
 STDERR = "stderr"
-QUEUE_LINES = 10_000  # entries waiting for the writer; beyond this, lines are dropped
 _BATCH = 512
 _IDLE_S = 0.02  # the writer's nap when the queue is empty (no wake-up cost per request)
 _MODEL_CHARS = 200  # a client-chosen model name is cut to this length
@@ -95,9 +94,8 @@ current: ContextVar[Entry | None] = ContextVar("access_log_entry", default=None)
 class AccessLog:
     """The bounded queue and the writer thread behind it."""
 
-    def __init__(self, capacity: int = QUEUE_LINES) -> None:
+    def __init__(self) -> None:
         self._queue: deque[Entry] = deque()
-        self._capacity = capacity
         self._reopen = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -117,7 +115,7 @@ class AccessLog:
                 return
             if settings.sample < 1.0 and random.random() >= settings.sample:
                 return
-        if len(self._queue) >= self._capacity:
+        if len(self._queue) >= settings.queue_lines:
             metrics.ACCESS_LOG_DROPPED.inc()
             return
         self._queue.append(entry)

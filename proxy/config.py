@@ -433,6 +433,7 @@ class AccessLogConfig:
     sample: float = setting(
         1.0, check=lambda v: None if 0 <= v <= 1 else "must be between 0 and 1", convert=float
     )
+    queue_lines: int = setting(10_000, check=_positive)  # waiting for the writer; then dropped
 
 
 @dataclass(frozen=True, slots=True)
