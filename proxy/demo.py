@@ -3,7 +3,8 @@
 Starts a private Redis, the bundled mock upstream and the proxy; seeds orgs, workspaces, keys and
 grants through the admin API, exactly as an operator would (the equivalent ``access-proxy admin``
 commands are printed); then prints the keys, the admin tokens and ready-to-paste ``curl`` and
-``openai`` SDK commands that show an allowed call and every kind of deny. Ctrl-C stops it all.
+``openai`` SDK commands that show an allowed call, every kind of deny and a workspace paced by
+its token budget (``tokens_per_minute`` on the alpha). Ctrl-C stops it all.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import aiohttp
 import yaml
 
 from proxy import config as config_mod
-from proxy import env, startup
+from proxy import env, eventloop, startup
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
@@ -39,6 +40,10 @@ ROLES = {
     "gov-review": ["approver:government"],
     "dashboards": ["viewer"],
 }
+
+
+ALPHA = "gpt-5.5-alpha"  # paced by tokens_per_minute in proxy/demo.yaml
+BIG_PROMPT = {"x-mock-prompt-tokens": "300"}  # the mock answers with this many prompt tokens
 
 
 @dataclass
@@ -126,6 +131,7 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
         ("acme-contractors", "acme"),
         ("globex-main", "globex"),
         ("initech-lab", "initech"),
+        ("initech-batch", "initech"),
     ]:
         await a(
             "ops",
@@ -135,7 +141,14 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
             f"workspaces create {ws} --org {org}",
         )
     keys: dict[str, str] = {}
-    for ws in ["acme-research", "acme-prod", "acme-contractors", "globex-main", "initech-lab"]:
+    for ws in [
+        "acme-research",
+        "acme-prod",
+        "acme-contractors",
+        "globex-main",
+        "initech-lab",
+        "initech-batch",
+    ]:
         doc = await a(
             "ops", "POST", f"/admin/v1/workspaces/{ws}/keys", {"name": "demo"}, f"keys issue {ws}"
         )
@@ -344,6 +357,51 @@ async def check_realtime(
     return lines
 
 
+async def check_multipart(
+    session: aiohttp.ClientSession, port: int, keys: dict[str, str]
+) -> list[str]:
+    """A multipart upload naming a preview model (an audio transcription) without a grant."""
+    form = aiohttp.FormData()
+    form.add_field("model", "gpt-5.6-sol")
+    form.add_field("file", b"RIFF....WAVEfmt ", filename="hello.wav", content_type="audio/wav")
+    async with session.post(
+        f"http://127.0.0.1:{port}/v1/audio/transcriptions",
+        data=form,
+        headers={"authorization": f"Bearer {keys['initech-lab']}"},
+    ) as resp:
+        got = str(resp.status)
+        if resp.status >= 400:
+            got += " " + (await resp.json())["error"]["code"]
+    title = "multipart 404 model_not_found: model form field read"
+    mark = "ok " if got == "404 model_not_found" else "?? "
+    return [f"  {mark}{title:<52} -> {got}"]
+
+
+async def check_token_limit(
+    session: aiohttp.ClientSession, port: int, keys: dict[str, str]
+) -> list[str]:
+    """initech-batch spends its alpha token budget with large prompts until it is refused."""
+    statuses: list[str] = []
+    budget = "?"
+    body = {"model": ALPHA, "messages": [{"role": "user", "content": "hello"}]}
+    headers = {"authorization": f"Bearer {keys['initech-batch']}", **BIG_PROMPT}
+    for _ in range(10):
+        async with session.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers
+        ) as resp:
+            left = resp.headers.get("x-ratelimit-remaining-tokens", "?")
+            budget = resp.headers.get("x-ratelimit-limit-tokens", budget)
+            if resp.status == 200:
+                statuses.append(f"200 ({left} left)")
+                continue
+            code = (await resp.json())["error"]["code"]
+            statuses.append(f"{resp.status} {code}, retry-after {resp.headers.get('retry-after')}s")
+            break
+    refused = statuses[-1].startswith("429 rate_limit_exceeded")
+    title = f"token limit: {budget} tokens/min of the alpha"
+    return [f"  {'ok ' if refused else '?? '}{title:<52} -> {', '.join(statuses)}"]
+
+
 async def demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
@@ -383,6 +441,8 @@ async def demo(args: argparse.Namespace) -> int:
             keys, cases = await seed(admin)
             results = await check_cases(session, args.port, keys, cases)
             results += await check_realtime(session, args.port, keys)
+            results += await check_multipart(session, args.port, keys)
+            results += await check_token_limit(session, args.port, keys)
         print(report(args, tokens, keys, cases, admin.commands, results), flush=True)
         await stop.wait()
     finally:
@@ -436,6 +496,19 @@ def report(
         "  # realtime: a WebSocket upgrade without a grant is refused before upgrading",
         f"  curl -si 'http://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol' {_WS_HEADERS} "
         f"-H 'authorization: Bearer {keys['initech-lab']}'",
+        "  # multipart: the model form field of an upload is read and decided (refused: no grant)",
+        f"  curl -s http://127.0.0.1:{port}/v1/audio/transcriptions -H 'authorization: Bearer "
+        f"{keys['initech-lab']}' -F model=gpt-5.6-sol -F file=@/etc/hostname",
+        "  # token limit: the alpha's tokens_per_minute holds per workspace; the mock",
+        "  # answers with 300 prompt tokens here: a few calls spend it, the next is refused",
+        f"  curl -si http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer "
+        f"{keys['initech-lab']}' -H 'content-type: application/json' -H "
+        '\'x-mock-prompt-tokens: 300\' -d \'{"model": "gpt-5.5-alpha", "messages": '
+        '[{"role": "user", "content": "hi"}]}\' | grep -i -e "^HTTP" -e ratelimit-.*-tokens',
+        "  # usage and cost per UTC day (the CLI: admin usage show acme-research --from ...)",
+        f"  curl -s 'http://127.0.0.1:{admin_port}/admin/v1/workspaces/acme-research/usage"
+        f"?from={time.strftime('%Y-%m-%d', time.gmtime())}' -H 'authorization: Bearer "
+        f"{tokens['dashboards']}'",
         "  # what this key may use",
         f"  curl -s http://127.0.0.1:{port}/v1/models -H 'authorization: Bearer "
         f"{keys['acme-research']}'",
@@ -475,7 +548,7 @@ def report(
         "",
         f"Access log (every request, JSON lines): tail -f {Path(args.state_dir) / ACCESS_LOG}",
         f"Metrics: curl -s http://127.0.0.1:{admin_port}/metrics"
-        " | grep access_proxy_requests_total",
+        " | grep -e access_proxy_requests_total -e access_proxy_tokens_total",
         "Ctrl-C stops everything.",
     ]
     return "\n".join(out)
@@ -485,7 +558,9 @@ def run_demo(args: argparse.Namespace) -> int:
     configure_logging()
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            return asyncio.run(demo(args))
+            return eventloop.run(demo(args))
+    except eventloop.LoopUnavailable as exc:
+        return startup.fail(startup.StartupError(str(exc), eventloop.FIX))
     except startup.StartupError as exc:
         return startup.fail(exc)
     return 0

@@ -16,6 +16,7 @@ ADMIN_TOKEN = "ACCESS_PROXY_ADMIN_TOKEN"  # `access-proxy admin`: the bearer tok
 WORKER = "ACCESS_PROXY_WORKER"  # set by the supervisor in each of its worker processes
 WORKER_OF_EMBEDDED = "embedded"  # WORKER's value when the supervisor runs the embedded Redis
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by the supervisor: metrics shared by workers
+LOOP = "ACCESS_PROXY_LOOP"  # auto (default: uvloop when installed), uvloop or asyncio
 
 
 def get(name: str) -> str | None:
@@ -38,6 +39,12 @@ def redis_url() -> str | None:
 
 def log_level() -> str:
     return get(LOG_LEVEL) or "INFO"
+
+
+def event_loop() -> str:
+    """``auto``, ``uvloop`` or ``asyncio`` (anything else is taken as ``auto``)."""
+    value = (get(LOOP) or "auto").strip().lower()
+    return value if value in ("uvloop", "asyncio") else "auto"
 
 
 def is_worker() -> bool:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,22 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import config as config_mod
-from proxy import env, identity, metrics, startup
+from proxy import env, eventloop, identity, metrics, startup
 from proxy.accesslog import AccessLog
 from proxy.admin.api import AdminContext, admin_app
+from proxy.background import Task, every
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
-from proxy.dataplane.app import DataPlane, DataServer, Hooks
+from proxy.dataplane.app import DataPlane, Hooks
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
+from proxy.dataplane.protocol import DataServer
 from proxy.dataplane.websocket import Sessions
 from proxy.metering import Meter
 from proxy.redis_server import RedisServer
 from proxy.reload import Reloader
 from proxy.snapshot import Holder
+from proxy.store.batchfiles import BatchFiles
 from proxy.store.cache import FactCache
 from proxy.store.connection import Gate, make_client
 from proxy.store.entitlements import Entitlements
@@ -70,13 +72,17 @@ class Proxy:
     async def start(self) -> None:
         cfg = self.holder.current.config
         self.fast_redis = make_client(self.redis_url, timeout_s=cfg.redis.timeout_ms / 1000)
-        self.admin_redis = make_client(self.redis_url, timeout_s=5.0)
+        self.admin_redis = make_client(self.redis_url, timeout_s=5.0, reconnect=True)
         self.sub_redis = make_client(self.redis_url, timeout_s=None)
         self.cache: FactCache[Any] = FactCache(cfg.cache.max_entries)
         self.gate = Gate.of(cfg.redis)
         self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
         self.writes = Writes(self.admin_redis)
-        self.subscriber = Subscriber(self.sub_redis, self.cache)
+        # A resubscribe shows Redis answering again: the breaker tries at once, so what changed
+        # while this replica was cut off is read on the next lookup (SPEC §5).
+        self.subscriber = Subscriber(
+            self.sub_redis, self.cache, on_reconnect=self.gate.breaker.retry_now
+        )
         self.subscriber.start()
         self.limiter = RateLimiter(self.fast_redis, self.gate, secrets.token_hex(6))
         await self.limiter.start()
@@ -117,14 +123,25 @@ class Proxy:
             self.session,
             hooks,
             self.meter,
-            self.access_log,
+            BatchFiles(self.admin_redis),
+            access_log=self.access_log,
         )
         dataplane = self.dataplane
         copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)
-        self.inflight_task = asyncio.create_task(_every(1.0, copy)) if copy else None
+        self.inflight = Task(
+            "inflight-gauge",
+            lambda: every(1.0, copy or (lambda: None), "in-flight gauge", first_wait=False),
+        )
+        if copy is not None:
+            self.inflight.start()
 
         # No access log on the data listener: no per-request logging on the hot path.
-        server = DataServer(self.dataplane.handle, handler_cancellation=True, access_log=None)
+        server = DataServer(
+            self.dataplane.handle,
+            timeouts=self._client_timeouts,
+            handler_cancellation=True,
+            access_log=None,
+        )
         self.data_runner = web.ServerRunner(
             server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
         )
@@ -151,6 +168,11 @@ class Proxy:
         self.data_port = _bound_port(self.data_runner)
         self.admin_port = _bound_port(self.admin_runner)
         metrics.CONFIG_INFO.labels(cfg.version).set(1)
+
+    def _client_timeouts(self) -> tuple[float, float]:
+        """The slow-client limits for a new connection, from the live config."""
+        limits = self.holder.current.config.limits
+        return limits.client_header_timeout_s, limits.client_body_timeout_s
 
     async def _bind(
         self, runner: web.BaseRunner, what: str, setting: str, host: str, port: int, **kw: Any
@@ -199,6 +221,7 @@ class Proxy:
             "redis": "ok" if redis_ok else "unreachable",
             "invalidation": "subscribed" if self.subscriber.connected.is_set() else "down",
             "draining": self.draining,
+            "event_loop": eventloop.running(),
         }
         return web.json_response(body, status=200 if ready else 503)
 
@@ -212,8 +235,7 @@ class Proxy:
         self.draining = True
         await self.sessions.stop()  # a session may last hours: it is ended, not drained
         await self.data_runner.cleanup()
-        if self.inflight_task is not None:
-            self.inflight_task.cancel()
+        await self.inflight.stop()
         await self.admin_runner.cleanup()
         if self.reloader is not None:
             await self.reloader.stop()
@@ -226,12 +248,6 @@ class Proxy:
         for client in (self.fast_redis, self.admin_redis, self.sub_redis):
             with contextlib.suppress(Exception):
                 await client.aclose()
-
-
-async def _every(period: float, fn: Callable[[], None]) -> None:
-    while True:
-        fn()
-        await asyncio.sleep(period)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -393,6 +409,8 @@ def run_serve(config_path: str | None, workers: int) -> int:
     try:
         if workers > 1 and not env.is_worker():
             return supervise(cfg, path, workers)
-        return asyncio.run(serve(cfg, worker=env.is_worker()))
+        return eventloop.run(serve(cfg, worker=env.is_worker()))
+    except eventloop.LoopUnavailable as exc:
+        return startup.fail(startup.StartupError(str(exc), eventloop.FIX))
     except startup.StartupError as exc:
         return startup.fail(exc)

@@ -8,6 +8,12 @@ round trip. An older one is re-read; if Redis cannot answer, an entry younger th
 Invalidation evicts an entry and bumps a generation counter; a load that started before an
 invalidation may answer its own waiters but is not stored, so a revoked key cannot be re-cached
 from a read that raced the revocation.
+
+``revalidate_all`` (run when the invalidation subscription comes back, since publications made
+while it was away are lost) makes every held entry stale at once instead of dropping it: the next
+lookup of each re-reads Redis, and while Redis cannot answer yet (a circuit breaker still open
+after an outage) the entry keeps answering within the stale window. Recovery so refuses nothing
+that the outage served, and a change made while cut off is read on the first lookup after.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class _Shared:
         self.entries: LRUCache[str, tuple[Any, float]] = LRUCache(maxsize=max_entries)
         self.inflight: dict[str, asyncio.Future[Any]] = {}
         self.generation = 0
+        self.valid_from = float("-inf")  # entries read before this are stale, whatever their age
 
 
 class FactCache(Generic[V]):
@@ -58,9 +65,9 @@ class FactCache(Generic[V]):
         self._shared = _shared if _shared is not None else _Shared(max_entries)
         self._entries = self._shared.entries
         self._inflight = self._shared.inflight
-        self._hit = metrics.CACHE_LOOKUPS.labels("hit")
-        self._miss = metrics.CACHE_LOOKUPS.labels("miss")
-        self._stale = metrics.CACHE_LOOKUPS.labels("stale")
+        self._hit = metrics.tally(metrics.CACHE_LOOKUPS, "hit")
+        self._miss = metrics.tally(metrics.CACHE_LOOKUPS, "miss")
+        self._stale = metrics.tally(metrics.CACHE_LOOKUPS, "stale")
 
     def typed(self) -> FactCache[Any]:
         """A view over the same entries, to be annotated with its value type."""
@@ -76,7 +83,11 @@ class FactCache(Generic[V]):
     def fresh(self, key: str, ttl: float) -> V | Missing:
         """The cached value if younger than ``ttl``, else ``MISSING``. No await."""
         entry = self._entries.get(key)
-        if entry is not None and time.monotonic() - entry[1] < ttl:
+        if (
+            entry is not None
+            and time.monotonic() - entry[1] < ttl
+            and entry[1] >= self._shared.valid_from
+        ):
             self._hit.inc()
             value: V = entry[0]
             return value
@@ -121,6 +132,13 @@ class FactCache(Generic[V]):
         self._inflight.pop(key, None)
         if self._entries.pop(key, None) is not None:
             metrics.CACHE_INVALIDATIONS.inc()
+
+    def revalidate_all(self) -> None:
+        """Make every entry stale: re-read on its next lookup, still a fallback if Redis fails."""
+        self._shared.generation += 1
+        self._inflight.clear()
+        self._shared.valid_from = time.monotonic()
+        metrics.CACHE_INVALIDATIONS.inc()
 
     def clear(self) -> None:
         self._shared.generation += 1

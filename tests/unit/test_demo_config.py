@@ -12,8 +12,14 @@ from proxy import config as config_mod
 from proxy.demo import shipped_config
 
 REPO = Path(__file__).resolve().parents[2]
-# What the demo's file may differ in: its listeners and tokens (set at run time), one more price.
-DEMO_ONLY = (("listen",), ("admin",), ("pricing", "models", "gpt-5.6-terra"))
+# What the demo's file may differ in: its listeners and tokens (set at run time), one more price,
+# and the alpha's token limit (the demo shows a workspace paced by tokens).
+DEMO_ONLY = (
+    ("listen",),
+    ("admin",),
+    ("pricing", "models", "gpt-5.6-terra"),
+    ("rate_limits", "programs", "gpt-5.5-alpha"),
+)
 
 
 def _without(doc: dict[str, Any], path: tuple[str, ...]) -> None:
@@ -35,3 +41,4 @@ def test_the_demo_config_is_the_shipped_config_but_for_the_demo_settings() -> No
 def test_the_demo_config_is_valid() -> None:
     cfg = config_mod.parse(shipped_config(), "proxy/demo.yaml")
     assert "gpt-5.6-terra" in cfg.pricing.models
+    assert cfg.rate_limits.for_program("gpt-5.5-alpha").tokens_per_minute == 1000
