@@ -48,6 +48,7 @@ from proxy.store.cache import FactCache
 from proxy.store.connection import Breaker, Gate, make_client
 from proxy.store.entitlements import Entitlements
 from proxy.store.writes import Actor, Writes
+from proxy.surfaces import named_models
 
 HERE = Path(__file__).resolve().parent
 
@@ -579,7 +580,22 @@ async def decision_cost(bench: Bench) -> dict[str, Any]:
                 decide(f, cfg, req, time.time())
             return (time.perf_counter_ns() - start) / per / 1000
 
+        def read_batch(read: Any) -> float:
+            start = time.perf_counter_ns()
+            for _ in range(per):
+                read()
+            return (time.perf_counter_ns() - start) / per / 1000
+
+        limit = cfg.limits.max_body_bytes
+        ctypes = ["application/json"]
+
+        def surfaces() -> object:
+            path = "/v1/chat/completions"
+            return named_models("POST", path, "", ctypes, (), CHAT_BODY, limit)
+
         decide_us = [decide_batch() for _ in range(batches)]
+        models_us = [read_batch(surfaces) for _ in range(batches)]
+        json_us = [read_batch(lambda: json.loads(CHAT_BODY)) for _ in range(batches)]
         hit_us = [await hit_batch(False) for _ in range(batches)]
         verify_us = [await hit_batch(True) for _ in range(batches)]
     finally:
@@ -587,6 +603,8 @@ async def decision_cost(bench: Bench) -> dict[str, Any]:
     return {
         "iterations": per * batches,
         "decide_us": median(decide_us),
+        "request_models_us": median(models_us),
+        "json_parse_us": median(json_us),
         "cache_hit_path_us": median(hit_us),
         "cache_hit_path_with_key_check_us": median(verify_us),
     }
@@ -724,6 +742,8 @@ def render(result: Mapping[str, Any]) -> str:
         "",
         f"decide() on a cache hit:           {d['decide_us']:7.2f} us per call "
         f"(target < {t['decide_us_max']:g} us)",
+        f"models the chat body names (surfaces): {d['request_models_us']:7.2f} us "
+        f"(its json.loads alone: {d['json_parse_us']:.2f} us)",
         f"cache-hit path (key + facts + decide): {d['cache_hit_path_us']:7.2f} us",
         f"  with the key check (HMAC):       {d['cache_hit_path_with_key_check_us']:7.2f} us",
         "",
