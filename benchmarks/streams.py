@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class StreamResult:
     duration_s: float
     status: int
     intact: bool  # every chunk arrived, once, in order
+    why: str = ""  # for a broken stream: the status and error code, or "chunks"
 
 
 @dataclass
@@ -65,6 +67,7 @@ class TargetResult:
     streams: int
     ok: int
     broken: int  # lost, duplicated or reordered chunks, or a non-200 answer
+    broken_by: dict[str, int]  # why, for each broken stream
     ttfb_p50_ms: float
     ttfb_p99_ms: float
     duration_p50_s: float
@@ -113,6 +116,14 @@ async def one_stream(
     ttfb = float("nan")
     text: list[str] = []
     async with session.post(url + PATH, json=body, headers=headers) as resp:
+        if resp.status != 200:
+            raw = await resp.read()
+            try:
+                code = json.loads(raw)["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                code = raw[:40].decode(errors="replace")
+            elapsed = time.perf_counter() - started
+            return StreamResult(elapsed, elapsed, resp.status, False, f"{resp.status} {code}")
         buffer = b""
         async for data in resp.content.iter_any():
             if ttfb != ttfb:  # first bytes of the body
@@ -126,7 +137,10 @@ async def one_stream(
                         for choice in doc.get("choices") or ():
                             text.append(choice.get("delta", {}).get("content") or "")
         status = resp.status
-    return StreamResult(ttfb, time.perf_counter() - started, status, "".join(text) == expected)
+    intact = "".join(text) == expected
+    return StreamResult(
+        ttfb, time.perf_counter() - started, status, intact, "" if intact else "chunks"
+    )
 
 
 async def measure(
@@ -153,6 +167,7 @@ async def measure(
         streams=streams,
         ok=len(good),
         broken=streams - len(good),
+        broken_by=dict(Counter(r.why for r in results if r.why)),
         ttfb_p50_ms=_percentile([r.ttfb_s for r in good], 0.5) * 1000,
         ttfb_p99_ms=_percentile([r.ttfb_s for r in good], 0.99) * 1000,
         duration_p50_s=_percentile([r.duration_s for r in good], 0.5),
@@ -250,6 +265,9 @@ def render(out: dict[str, Any]) -> str:
             f"| {r['duration_p99_s']:.2f} s | {r['cpu_us_per_chunk']:.0f} µs "
             f"| {r['rss_kib_per_stream']:.1f} KiB |"
         )
+    for r in out["results"]:
+        if r["broken"]:
+            lines.append(f"{r['target']}: broken streams by cause: {r['broken_by']}")
     lines += [
         "",
         f"access-proxy adds {out['added_ttfb_p50_ms']:.1f} ms (p50) and "
