@@ -38,6 +38,7 @@ from proxy.metering import Meter
 from proxy.redis_server import RedisServer
 from proxy.reload import Reloader
 from proxy.snapshot import Holder
+from proxy.store.batchfiles import BatchFiles
 from proxy.store.cache import FactCache
 from proxy.store.connection import Gate, make_client
 from proxy.store.entitlements import Entitlements
@@ -113,7 +114,13 @@ class Proxy:
         )
         self.meter.start()
         self.dataplane = DataPlane(
-            self.holder, self.entitlements, self.peppers, self.session, hooks, self.meter
+            self.holder,
+            self.entitlements,
+            self.peppers,
+            self.session,
+            hooks,
+            self.meter,
+            BatchFiles(self.admin_redis),
         )
         dataplane = self.dataplane
         copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)

@@ -23,29 +23,25 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import identity, metrics
 from proxy.dataplane import headers as hdrs
+from proxy.dataplane.batches import upload_batch_file
 from proxy.dataplane.forward import UpstreamError, client_timeout, forward
 from proxy.dataplane.usage_stream import wants_usage_added, with_usage_asked
 from proxy.errors import CODES, DEFAULT_BODIES, error_json
 from proxy.metering import Meter
-from proxy.policy import Decision, RequestInfo, decide
+from proxy.policy import Decision, RequestInfo, decide, decide_models
 from proxy.policy.facts import Facts
 from proxy.snapshot import Holder, Snapshot
+from proxy.store.batchfiles import BatchFiles, BatchFilesUnavailable
 from proxy.store.cache import EntitlementUnavailable
 from proxy.store.entitlements import Entitlements
+from proxy.surfaces import BodyError as BodyError  # re-exported for the WebSocket room
+from proxy.surfaces import Named, named_models
+from proxy.surfaces.errors import invalid, too_large
 
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
-_MODELS_PATH = "/v1/models"
-_MODELS_PREFIX = "/v1/models/"
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _VERIFIED_MAX = 100_000
-
-
-class BodyError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -131,43 +127,22 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, refusing early (by content-length) or as soon as it passes ``limit``."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise BodyError("request_too_large", f"The request body exceeds {limit} bytes.")
+        raise too_large(limit)
     if not request.body_exists:
         return b""
     if declared is not None:
         try:
             return await request.content.readexactly(declared)
         except asyncio.IncompleteReadError:
-            raise BodyError("invalid_request", "The request body ended early.") from None
+            raise invalid("The request body ended early.") from None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise BodyError("request_too_large", f"The request body exceeds {limit} bytes.")
+            raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def model_of(
-    method: str, upstream_path: str, body: bytes, content_type: str
-) -> tuple[str | None, Any]:
-    """The model a request names (the JSON body's ``model``, or the id in /v1/models/{id}) and
-    the parsed body (None when not JSON)."""
-    if method in _BODY_METHODS and (body or content_type == _JSON):
-        if content_type not in ("", _JSON) and not content_type.endswith("+json"):
-            return None, None  # multipart uploads and the like name no model
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise BodyError("invalid_request", "The request body is not valid JSON.") from None
-        model = doc.get("model") if isinstance(doc, dict) else None
-        if not isinstance(model, str) or not model:
-            raise BodyError("invalid_request", "The request must name a model.")
-        return model, doc
-    if upstream_path.startswith(_MODELS_PREFIX) and method == "GET":
-        return upstream_path[len(_MODELS_PREFIX) :].split("?", 1)[0] or None, None
-    return None, None
 
 
 class DataPlane:
@@ -179,6 +154,7 @@ class DataPlane:
         session: aiohttp.ClientSession,
         hooks: Hooks | None = None,
         meter: Meter | None = None,
+        batch_files: BatchFiles | None = None,
     ) -> None:
         self.holder = holder
         self.entitlements = entitlements
@@ -186,6 +162,7 @@ class DataPlane:
         self.session = session
         self.hooks = hooks or Hooks()
         self.meter = meter
+        self.batch_files = batch_files
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[str, Any] = {}
         self._ttfb: dict[str, Any] = {}
@@ -224,7 +201,7 @@ class DataPlane:
         snap = self.holder.current
         cfg = snap.config
         rid = new_request_id()
-        path = request.raw_path.split("?", 1)[0]
+        path, _, query = request.raw_path.partition("?")
 
         # Row 1: route.
         host = request.host.split(":", 1)[0] if snap.host_routes and request.host else None
@@ -255,28 +232,40 @@ class DataPlane:
 
         websocket = self.hooks.websocket if hdrs.is_websocket_upgrade(request) else None
         body = b""
-        model: str | None = None
-        doc: Any = None
+        named: Named | None = None
+        models: tuple[str, ...] = ()
         body_error: BodyError | None = None
         try:
             body = await read_body(request, cfg.limits.max_body_bytes)
+            headers = request.headers
+            named = named_models(
+                request.method,
+                upstream_path,
+                query,
+                headers.getall("content-type", ()),
+                headers.getall("content-encoding", ()),
+                body,
+                cfg.limits.max_body_bytes,
+            )
+            models = named.models
             if websocket is not None:
-                model = websocket.model_of(request)
-            else:
-                model, doc = model_of(request.method, upstream_path, body, request.content_type)
+                websocket.model_of(request)  # a session must name its model
+            if named.input_file_id is not None:
+                models = await self._batch_input_models(named.input_file_id)
         except BodyError as exc:
             body_error = exc
+        except BatchFilesUnavailable:
+            self._count(product, "none", "entitlement_unavailable", started)
+            return deny_response("entitlement_unavailable", rid)
 
-        decision = decide(
+        decision = decide_models(
             facts,
             cfg,
-            RequestInfo(
-                product,
-                model,
-                body_error.code if body_error else None,
-                body_error.message if body_error else None,
-            ),
+            product,
+            models,
             time.time(),
+            body_error.code if body_error else None,
+            body_error.message if body_error else None,
         )
         metrics.DECISION_DURATION.observe(time.perf_counter() - started)
         program = decision.program.name if decision.program is not None else "none"
@@ -292,6 +281,8 @@ class DataPlane:
             )
             return deny_response(decision.code, rid, message, extra)
 
+        assert named is not None  # a body error was refused above
+        doc: Any = named.doc if not named.encoded else None  # compressed: sent as received
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
@@ -316,7 +307,7 @@ class DataPlane:
                     upstream_path,
                     rid,
                     facts,
-                    model,
+                    models[0] if models else None,
                     product,
                     program,
                     started,
@@ -330,7 +321,7 @@ class DataPlane:
                 rid,
                 response_headers,
                 facts,
-                model,
+                named,
                 product,
                 program,
                 started,
@@ -344,6 +335,18 @@ class DataPlane:
                 task = asyncio.ensure_future(admission.release())
                 self._releases.add(task)
                 task.add_done_callback(self._releases.discard)
+
+    async def _batch_input_models(self, file_id: str) -> tuple[str, ...]:
+        """The models recorded for a batch's input file; a file never seen → 400."""
+        recorded = None
+        if self.batch_files is not None:
+            recorded = await self.batch_files.models_of(file_id)
+        if recorded is None:
+            raise invalid(
+                f"The input file {file_id!r} was not uploaded through this proxy with purpose "
+                "batch; upload it with POST /v1/files."
+            )
+        return recorded
 
     async def _identify(self, request: web.BaseRequest, cfg: Any) -> Facts | None:
         key = presented_key(request)
@@ -414,7 +417,7 @@ class DataPlane:
         rid: str,
         response_headers: dict[str, str],
         facts: Facts,
-        model: str | None,
+        named: Named,
         product: str,
         program: str,
         started: float,
@@ -433,10 +436,38 @@ class DataPlane:
             request_id=rid,
             host=request.host,
         )
-        if request.method == "GET" and upstream_path == _MODELS_PATH:
+        if named.endpoint.kind == "model_list":
             return await self._models(
                 snap, upstream_name, url_path, out_headers, facts, product, rid, started
             )
+
+        if named.batch_file and self.batch_files is not None:
+            try:
+                response = await upload_batch_file(
+                    method=request.method,
+                    session=self.session,
+                    upstream=upstream,
+                    url_path=url_path,
+                    body=body,
+                    headers=out_headers,
+                    extra_response_headers=response_headers,
+                    strip_response_headers=snap.strip_response_headers,
+                    store=self.batch_files,
+                    models=named.models,
+                    workspace=facts.workspace.workspace_id,
+                )
+            except UpstreamError as exc:
+                self._count(product, program, exc.code, started)
+                return deny_response(exc.code, rid)
+            except BatchFilesUnavailable:
+                self._count(product, program, "entitlement_unavailable", started)
+                return deny_response(
+                    "entitlement_unavailable",
+                    rid,
+                    "The batch file was uploaded but could not be recorded; upload it again.",
+                )
+            self._count(product, program, "ok", started)
+            return response
 
         on_headers: Callable[[CIMultiDictProxy[str]], None] | None = None
         if self.hooks.on_upstream_headers is not None:
@@ -468,6 +499,7 @@ class DataPlane:
                 self.meter.unmetered(program, "incomplete")
             self._count(product, program, exc.code, started)
             return deny_response(exc.code, rid)
+        model = named.models[0] if named.models else None
         ttfb = self._ttfb.get(upstream_name)
         if ttfb is None:
             ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)

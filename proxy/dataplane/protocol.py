@@ -209,10 +209,15 @@ class DataRequestHandler(RequestHandler):
 
 
 class DataServer(web.Server):
-    """The low-level server for the data listener: one :class:`DataRequestHandler` each."""
+    """The low-level server for the data listener: one :class:`DataRequestHandler` each.
+
+    Request bodies are taken as received (``auto_decompress=False``): a compressed body is
+    decoded by ``proxy.surfaces`` to be read, under the body limit, and forwarded as it came.
+    """
 
     def __init__(self, handler: Any, *, timeouts: ClientTimeouts, **kwargs: Any) -> None:
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT_S)
+        kwargs.setdefault("auto_decompress", False)
         super().__init__(handler, **kwargs)
         self._client_timeouts = timeouts
 

@@ -14,6 +14,8 @@ Keys (all under the ``ap:`` prefix):
 - ``ap:usage:{ws}`` hash of usage and cost counters (``usage.py``); ``ap:usage-day:{ws}:{date}``
   the same for one UTC day (``YYYY-MM-DD``), expiring after the configured retention
 - ``ap:tk:{ws}:{program}``: tokens spent against ``tokens_per_minute`` (``ratelimit.lua``)
+- ``ap:batchfile:{file_id}`` hash: models (JSON list), workspace, at — the models the lines of a
+  batch input file name, recorded at upload (``batchfiles.py``)
 Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{id}``,
 ``grants:{subject}``, ``standing:{ws}``, and ``*`` for everything.
 """
@@ -69,6 +71,10 @@ def flags_key(ws: str) -> str:
 
 def org_workspaces_key(org: str) -> str:
     return f"ap:orgws:{org}"
+
+
+def batch_file_key(file_id: str) -> str:
+    return f"ap:batchfile:{file_id}"
 
 
 def usage_key(ws: str) -> str:
