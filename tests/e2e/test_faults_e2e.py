@@ -176,6 +176,8 @@ async def test_requests_without_an_http_version_or_http10_with_te_are_400_and_ne
     attempts = {
         "no version": b"GET /v1/models\r\nAuthorization: Bearer " + key + b"\r\n\r\n",
         "no version, bare": b"GET /v1/models/" + MODEL.encode() + b"\r\n\r\n",
+        "HTTP/2.0 in HTTP/1 text": b"GET /v1/models/" + MODEL.encode() + b" HTTP/2.0\r\n"
+        b"Host: p\r\nAuthorization: Bearer " + key + b"\r\n\r\n",
         "HTTP/1.0 with TE": b"POST /v1/chat/completions HTTP/1.0\r\nHost: p\r\n"
         b"Authorization: Bearer " + key + b"\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + chunked,
