@@ -33,6 +33,7 @@ from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
 
 DEMO_CONFIG = "demo.yaml"
+ACCESS_LOG = "access.log"
 ROLES = {
     "ops": ["operator"],
     "provider-review": ["approver:provider"],
@@ -59,8 +60,11 @@ def shipped_config() -> str:
     return resources.files("proxy").joinpath(DEMO_CONFIG).read_text()
 
 
-def demo_config(port: int, admin_port: int, upstream_port: int) -> tuple[str, dict[str, str]]:
-    """The shipped demo config with the demo's ports and fresh admin tokens."""
+def demo_config(
+    port: int, admin_port: int, upstream_port: int, access_log: Path
+) -> tuple[str, dict[str, str]]:
+    """The shipped demo config with the demo's ports, fresh admin tokens, and every request in
+    the access log at ``access_log``."""
     data = yaml.safe_load(shipped_config())
     tokens = {name: secrets.token_urlsafe(24) for name in ROLES}
     data["listen"] = {"host": "127.0.0.1", "port": port}
@@ -72,6 +76,7 @@ def demo_config(port: int, admin_port: int, upstream_port: int) -> tuple[str, di
         ],
     }
     data["upstreams"]["models"]["url"] = f"http://127.0.0.1:{upstream_port}"
+    data["access_log"] = {"mode": "all", "path": str(access_log)}
     return yaml.safe_dump(data, sort_keys=False), tokens
 
 
@@ -401,7 +406,7 @@ async def demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
     startup.state_dir(str(state))
-    text, tokens = demo_config(args.port, args.admin_port, args.upstream_port)
+    text, tokens = demo_config(args.port, args.admin_port, args.upstream_port, state / ACCESS_LOG)
     cfg_path = state / "proxy.yaml"
     cfg_path.write_text(text)
     env.set_default("UPSTREAM_API_KEY", "demo-upstream-key")
@@ -494,13 +499,12 @@ def report(
         "  # multipart: the model form field of an upload is read and decided (refused: no grant)",
         f"  curl -s http://127.0.0.1:{port}/v1/audio/transcriptions -H 'authorization: Bearer "
         f"{keys['initech-lab']}' -F model=gpt-5.6-sol -F file=@/etc/hostname",
-        "  # token limit: the alpha's tokens_per_minute holds per workspace; the mock",
-        "  # answers with 300 prompt tokens here: a few calls spend it, the next is refused",
+        "  # token limit: 1000 tokens a minute of the alpha per workspace (300-token prompts here)",
         f"  curl -si http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer "
         f"{keys['initech-lab']}' -H 'content-type: application/json' -H "
         '\'x-mock-prompt-tokens: 300\' -d \'{"model": "gpt-5.5-alpha", "messages": '
         '[{"role": "user", "content": "hi"}]}\' | grep -i -e "^HTTP" -e ratelimit-.*-tokens',
-        "  # usage and cost per UTC day (the CLI: admin usage show acme-research --from ...)",
+        "  # usage and cost per UTC day (admin usage show acme-research --from YYYY-MM-DD)",
         f"  curl -s 'http://127.0.0.1:{admin_port}/admin/v1/workspaces/acme-research/usage"
         f"?from={time.strftime('%Y-%m-%d', time.gmtime())}' -H 'authorization: Bearer "
         f"{tokens['dashboards']}'",
@@ -541,6 +545,7 @@ def report(
         "  asyncio.run(main())",
         "  EOF",
         "",
+        f"Access log (every request, JSON lines): tail -f {Path(args.state_dir) / ACCESS_LOG}",
         f"Metrics: curl -s http://127.0.0.1:{admin_port}/metrics"
         " | grep -e access_proxy_requests_total -e access_proxy_tokens_total",
         "Ctrl-C stops everything.",

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import identity, metrics
+from proxy import accesslog, identity, metrics
 from proxy.dataplane import headers as hdrs
 from proxy.dataplane.batches import upload_batch_file
 from proxy.dataplane.forward import UpstreamError, client_timeout, forward
@@ -155,17 +155,20 @@ class DataPlane:
         hooks: Hooks | None = None,
         meter: Meter | None = None,
         batch_files: BatchFiles | None = None,
+        access_log: accesslog.AccessLog | None = None,
     ) -> None:
         self.holder = holder
+        self.access_log = access_log
         self.entitlements = entitlements
         self.peppers = peppers
         self.session = session
         self.hooks = hooks or Hooks()
         self.meter = meter
         self.batch_files = batch_files
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._ttfb: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, str], metrics.Counts] = {}
+        self._durations: dict[str, metrics.Observes] = {}
+        self._ttfb: dict[str, metrics.Observes] = {}
+        self._decision = metrics.spread(metrics.DECISION_DURATION)
         self._verified: dict[str, int] = {}
         self.inflight = 0  # read by the inflight gauge (see metrics.track_inflight)
         self._releases: set[asyncio.Future[None]] = set()
@@ -176,22 +179,32 @@ class DataPlane:
         key = (product, program, code)
         counter = self._requests.get(key)
         if counter is None:
-            counter = self._requests[key] = metrics.REQUESTS.labels(product, program, code)
+            counter = self._requests[key] = metrics.tally(metrics.REQUESTS, *key)
         counter.inc()
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.product, entry.program, entry.code = product, program, code
         hist = self._durations.get(product)
         if hist is None:
-            hist = self._durations[product] = metrics.REQUEST_DURATION.labels(product)
+            hist = self._durations[product] = metrics.spread(metrics.REQUEST_DURATION, product)
         hist.observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ the handler
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
+        entry = accesslog.Entry(time.time(), started)
+        token = accesslog.current.set(entry)
         self.inflight += 1
         try:
             response = await self._handle(request, started)
         finally:
             self.inflight -= 1
+            accesslog.current.reset(token)
+        if self.access_log is not None and entry.code is not None:
+            entry.status = response.status
+            entry.duration_ms = (time.perf_counter() - started) * 1000
+            self.access_log.submit(entry)
         if "upgrade" in request.headers and not isinstance(response, web.WebSocketResponse):
             # What follows an upgrade request on this connection is no longer HTTP to parse.
             response.force_close()
@@ -202,6 +215,9 @@ class DataPlane:
         cfg = snap.config
         rid = new_request_id()
         path, _, query = request.raw_path.partition("?")
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.request_id, entry.settings = rid, cfg.access_log
 
         # Row 1: route.
         host = request.host.split(":", 1)[0] if snap.host_routes and request.host else None
@@ -225,6 +241,8 @@ class DataPlane:
         if facts is None:
             self._count(product, "none", "invalid_api_key", started)
             return deny_response("invalid_api_key", rid)
+        if entry is not None:
+            entry.org, entry.workspace = facts.workspace.org_id, facts.workspace.workspace_id
 
         upstream_path = path
         if route.rewrite_prefix is not None:
@@ -257,6 +275,8 @@ class DataPlane:
         except BatchFilesUnavailable:
             self._count(product, "none", "entitlement_unavailable", started)
             return deny_response("entitlement_unavailable", rid)
+        if entry is not None:
+            entry.model = models[0] if models else None
 
         decision = decide_models(
             facts,
@@ -267,7 +287,7 @@ class DataPlane:
             body_error.code if body_error else None,
             body_error.message if body_error else None,
         )
-        metrics.DECISION_DURATION.observe(time.perf_counter() - started)
+        self._decision.observe(time.perf_counter() - started)
         program = decision.program.name if decision.program is not None else "none"
         for rule in decision.shadow_rules:
             metrics.SHADOW_DECISIONS.labels(rule).inc()
@@ -282,7 +302,6 @@ class DataPlane:
             return deny_response(decision.code, rid, message, extra)
 
         assert named is not None  # a body error was refused above
-        doc: Any = named.doc if not named.encoded else None  # compressed: sent as received
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
@@ -292,9 +311,11 @@ class DataPlane:
                 return admission.refused
             if admission.headers:
                 response_headers.update(admission.headers)
-        hide_usage = False  # the classifier (above) saw the client's body as sent
-        if self.meter is not None and wants_usage_added(request.method, upstream_path, doc):
-            asked = with_usage_asked(body, doc)
+        # After the classifier, which saw the client's body as sent. A compressed body is sent
+        # on rewritten and uncompressed (its Content-Encoding dropped in _forward).
+        hide_usage = False
+        if self.meter is not None and wants_usage_added(request.method, upstream_path, named.doc):
+            asked = with_usage_asked(body, named.doc, reserialize=named.encoded)
             if asked is not None:
                 body, hide_usage = asked, True
         try:
@@ -326,6 +347,7 @@ class DataPlane:
                 program,
                 started,
                 hide_usage,
+                hide_usage and named.encoded,
                 admission.on_tokens,
             )
         finally:
@@ -355,6 +377,9 @@ class DataPlane:
         key_id = identity.key_id_of(key)
         if key_id is None:
             return None
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.key_id = key_id  # the key's public id, never the key
         rec = await self.entitlements.key(key_id, cfg.cache)
         if rec is None or rec.revoked:
             return None
@@ -422,6 +447,7 @@ class DataPlane:
         program: str,
         started: float,
         hide_usage: bool,
+        body_decoded: bool,
         on_tokens: Callable[[int], None] | None,
     ) -> web.StreamResponse:
         cfg = snap.config
@@ -436,6 +462,8 @@ class DataPlane:
             request_id=rid,
             host=request.host,
         )
+        if body_decoded:
+            out_headers.popall("Content-Encoding", None)
         if named.endpoint.kind == "model_list":
             return await self._models(
                 snap, upstream_name, url_path, out_headers, facts, product, rid, started
@@ -502,8 +530,11 @@ class DataPlane:
         model = named.models[0] if named.models else None
         ttfb = self._ttfb.get(upstream_name)
         if ttfb is None:
-            ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
+            ttfb = self._ttfb[upstream_name] = metrics.spread(metrics.UPSTREAM_TTFB, upstream_name)
         ttfb.observe(result.ttfb_seconds)
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.ttfb_ms, entry.upstream_status = result.ttfb_seconds * 1000, result.status
         if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
             # (a small body goes out when this returns, after one JSON parse).
@@ -512,6 +543,8 @@ class DataPlane:
             )
             if usage is not None and on_tokens is not None:
                 on_tokens(usage.prompt + usage.output)
+            if usage is not None and entry is not None:
+                entry.tokens = dict(usage.kinds())
         self._count(product, program, "ok", started)
         return result.response
 
@@ -537,6 +570,9 @@ class DataPlane:
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
+            entry = accesslog.current.get()
+            if entry is not None:
+                entry.upstream_status = status
         except TimeoutError:
             self._count(product, "none", "upstream_timeout", started)
             return deny_response("upstream_timeout", rid)

@@ -21,6 +21,7 @@ from proxy.dataplane.codings import Decoder, Emit, decoder_for
 CHAT_COMPLETIONS = "/chat/completions"
 _ASK = b',"stream_options":{"include_usage":true}}'
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+_LAST_NULL_USAGE = b',"usage":null}'
 _NULL_USAGE = re.compile(rb'(,\s*)?"usage"\s*:\s*null(\s*,\s*)?')
 
 
@@ -34,19 +35,22 @@ def wants_usage_added(method: str, upstream_path: str, doc: Any) -> bool:
     return not (isinstance(options, dict) and options.get("include_usage") is True)
 
 
-def with_usage_asked(body: bytes, doc: dict[str, Any]) -> bytes | None:
+def with_usage_asked(
+    body: bytes, doc: dict[str, Any], *, reserialize: bool = False
+) -> bytes | None:
     """``body`` (whose parsed object is ``doc``) with ``stream_options.include_usage: true``;
     None when it cannot be rewritten (the request then goes as sent, and is counted unmetered).
 
     Without ``stream_options`` the member is added before the closing brace, so every other byte
-    is the client's; otherwise the object is serialized again with the option set.
+    is the client's; otherwise (or with ``reserialize``, for a body that came compressed) the
+    object is serialized again with the option set.
     """
-    if "stream_options" not in doc:
+    if "stream_options" not in doc and not reserialize:
         end = body.rstrip()
         if end.endswith(b"}") and b"\x00" not in body:  # UTF-8 text, not UTF-16/32
             return end[:-1] + _ASK
         return None
-    options = doc["stream_options"]
+    options = doc.get("stream_options")
     if options is not None and not isinstance(options, dict):
         return None  # the upstream refuses it as the client sent it
     changed = {**doc, "stream_options": {**(options or {}), "include_usage": True}}
@@ -82,6 +86,13 @@ def rewrite_event(event: bytes) -> bytes:
     payload = b"\n".join(payloads)
     if b'"usage"' not in payload:
         return event
+    if len(data_at) == 1 and payload.endswith(_LAST_NULL_USAGE):
+        # The upstream's usual spelling: the top-level object's last member (an unescaped key
+        # before the closing brace can only be one of its members). Cut without parsing.
+        at = lines[data_at[0]].rfind(_LAST_NULL_USAGE)
+        line = lines[data_at[0]]
+        lines[data_at[0]] = line[:at] + b"}" + line[at + len(_LAST_NULL_USAGE) :]
+        return b"".join(lines)
     try:
         obj = json.loads(payload)
     except ValueError:

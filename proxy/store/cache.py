@@ -65,9 +65,9 @@ class FactCache(Generic[V]):
         self._shared = _shared if _shared is not None else _Shared(max_entries)
         self._entries = self._shared.entries
         self._inflight = self._shared.inflight
-        self._hit = metrics.CACHE_LOOKUPS.labels("hit")
-        self._miss = metrics.CACHE_LOOKUPS.labels("miss")
-        self._stale = metrics.CACHE_LOOKUPS.labels("stale")
+        self._hit = metrics.tally(metrics.CACHE_LOOKUPS, "hit")
+        self._miss = metrics.tally(metrics.CACHE_LOOKUPS, "miss")
+        self._stale = metrics.tally(metrics.CACHE_LOOKUPS, "stale")
 
     def typed(self) -> FactCache[Any]:
         """A view over the same entries, to be annotated with its value type."""
