@@ -544,10 +544,13 @@ def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config
         breaker_failures=c.get(rm, "breaker_failures", "redis", int, 3, _positive),
         breaker_reset_s=c.get(rm, "breaker_reset_s", "redis", float, 1.0, _positive),
     )
-    if redis_cfg.url != "embedded" and not re.match(
-        r"(rediss?|unix|redis\+sentinel|redis\+cluster)://", redis_cfg.url
-    ):
-        c.err("redis.url", "must be 'embedded' or a redis://, rediss:// or unix:// URL")
+    if redis_cfg.url != "embedded":
+        from proxy.store.topology import parse_url  # here: the store imports this module
+
+        try:
+            parse_url(redis_cfg.url)
+        except ValueError as exc:
+            c.err("redis.url", f"must be 'embedded' or a Redis URL of SPEC §2: {exc}")
 
     km = c.mapping(top.get("keys"), "keys", ("pepper_env", "pepper_file"))
     keys = KeysConfig(

@@ -64,6 +64,7 @@ class AdminContext:
     writes: Writes  # on a Redis client with normal (seconds) timeouts
     peppers: Peppers
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    usage: UsageStore | None = None  # per-workspace keys; None: on the writes' client
 
 
 class ApiError(Exception):
@@ -505,7 +506,7 @@ class AdminAPI:
         ws_id = request.match_info["ws"]
         if await self.writes.workspace(ws_id) is None:
             raise NotFound(f"workspace {ws_id} not found")
-        totals = await UsageStore(self.redis).read(ws_id)
+        totals = await (self.ctx.usage or UsageStore(self.redis)).read(ws_id)
         return web.json_response({"workspace": ws_id, **totals})
 
     # config ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Usage and cost totals per workspace in Redis (SPEC §10).
 
-One hash per workspace, ``ap:usage:{ws}``, holds running totals: ``requests`` (answers whose
+One hash per workspace, ``schema.usage_key(ws)``, holds running totals: ``requests`` (answers whose
 usage was read), the tokens of each kind (``input`` is uncached input; ``cached_input``,
 ``cache_write``, ``output``) and ``cost_usd``; the same fields per model under
 ``model:{model}:{field}``. Writes only ever add (``HINCRBY`` / ``HINCRBYFLOAT``), so batches from
@@ -9,18 +9,17 @@ any number of replicas add up in any order. Usage is not an access change: nothi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from proxy.store.schema import usage_key
+from proxy.store.topology import AnyRedis
 
 TOKEN_KINDS = ("input", "cached_input", "cache_write", "output")
 _MODEL_PREFIX = "model:"
-
-
-def usage_key(ws: str) -> str:
-    return f"ap:usage:{ws}"
 
 
 @dataclass(slots=True)
@@ -55,6 +54,7 @@ class UsageDelta:
 
 # (workspace, model or None) -> what to add. A None model adds to the workspace totals only.
 Batch = Mapping[tuple[str, str | None], UsageDelta]
+MutableBatch = MutableMapping[tuple[str, str | None], UsageDelta]
 
 
 def _view(values: Mapping[str, str]) -> dict[str, Any]:
@@ -68,34 +68,48 @@ def _view(values: Mapping[str, str]) -> dict[str, Any]:
 class UsageStore:
     """Adds usage batches to the per-workspace hashes and reads them back."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
 
-    async def add(self, batch: Batch) -> None:
-        """Add every delta of ``batch`` in one MULTI/EXEC: the whole batch lands or none of it."""
-        if not batch:
-            return
-        totals: dict[str, UsageDelta] = {}
+    async def add(self, batch: MutableBatch) -> None:
+        """Add ``batch``, one MULTI/EXEC per workspace: a workspace's share lands whole or not at
+        all, and each transaction stays in its workspace's Cluster slot. What landed is removed
+        from ``batch``, so after an error it holds exactly what is still to write."""
+        by_ws: dict[str, list[tuple[str | None, UsageDelta]]] = {}
+        for (ws, model), delta in batch.items():
+            by_ws.setdefault(ws, []).append((model, delta))
+        for ws, deltas in by_ws.items():
+            try:
+                await self._add_workspace(ws, deltas)
+            except ResponseError:
+                # EXEC ran: the commands Redis did not refuse are applied; never write them twice.
+                for model, _ in deltas:
+                    del batch[(ws, model)]
+                raise
+            for model, _ in deltas:
+                del batch[(ws, model)]
+
+    async def _add_workspace(self, ws: str, deltas: list[tuple[str | None, UsageDelta]]) -> None:
+        key = usage_key(ws)
+        total = UsageDelta()
         async with self.redis.pipeline(transaction=True) as pipe:
-            for (ws, model), delta in batch.items():
-                totals.setdefault(ws, UsageDelta()).merge(delta)
+            for model, delta in deltas:
+                total.merge(delta)
                 if model is None:
                     continue
-                key = usage_key(ws)
                 prefix = f"{_MODEL_PREFIX}{model}:"
                 for name, value in delta.fields():
                     if value:
                         pipe.hincrby(key, prefix + name, value)
                 if delta.cost_usd:
                     pipe.hincrbyfloat(key, prefix + "cost_usd", delta.cost_usd)
-            for ws, total in totals.items():
-                key = usage_key(ws)
-                for name, value in total.fields():
-                    if value:
-                        pipe.hincrby(key, name, value)
-                if total.cost_usd:
-                    pipe.hincrbyfloat(key, "cost_usd", total.cost_usd)
-            await pipe.execute()
+            for name, value in total.fields():
+                if value:
+                    pipe.hincrby(key, name, value)
+            if total.cost_usd:
+                pipe.hincrbyfloat(key, "cost_usd", total.cost_usd)
+            if len(pipe):
+                await pipe.execute()
 
     async def read(self, ws: str) -> dict[str, Any]:
         """``{requests, tokens: {kind: n}, cost_usd, models: {model: {requests, tokens,

@@ -170,7 +170,7 @@ class Writes:
             found = [schema.grant_from_json(v) for v in raw.values()]
         else:
             found = []
-            async for k in self.redis.scan_iter(match="ap:grant:*", count=500):
+            async for k in self.redis.scan_iter(match=schema.GRANT_PATTERN, count=500):
                 value = await self.redis.get(k)
                 if value:
                     found.append(schema.grant_from_json(value))
