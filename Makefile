@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test demo bench image-test deploy-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check proxy tests benchmarks
 	$(BIN)/ruff format --check proxy
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider
@@ -26,6 +27,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# Builds the Docker image (and its base image when absent) and runs it end to end; needs a
+# Docker daemon and root. Not part of `test`.
+image-test: $(STAMP)
+	ACCESS_PROXY_IMAGE_TEST=1 $(BIN)/pytest -v -s -p no:cacheprovider tests/image
 
 clean:
 	rm -rf $(VENV) .state

@@ -1,158 +1,352 @@
 """The config schema (SPEC §8): parse one YAML file, validate all of it with located errors, and
 build an immutable ``Config`` snapshot (``proxy.configdiff`` says what changes between two).
 
+Every setting is declared once, as a field of the section it belongs to, with its default, its
+check and whether it needs a restart (``setting(...)``). The reader, the allowed keys of each
+section, ``RESTART_ONLY``, the reload's restart-only rule and ``config check --diff`` all derive
+from those declarations, so a new setting is one line here plus its use.
+
 A snapshot is never mutated. A request takes the current snapshot once and uses it to the end,
 so a reload never changes a request halfway.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import itertools
-import os
 import re
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, UnionType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
+from proxy import env
+
 DEFAULT_PATH = "config/proxy.yaml"
 PHASES = ("closed", "preview", "ga")
 ROLES = ("operator", "viewer")  # plus "approver:<role>"
-# Settings a running process keeps until restart (the worker count is a command-line flag).
-RESTART_ONLY = (
-    "listen",
-    "admin.listen",
-    "redis.url",
-    "state_dir",
-    "cache.max_entries",
-    "keys.pepper_env",
-    "keys.pepper_file",
-)
+
+# --------------------------------------------------------------------------- declarations
+
+Check = Callable[[Any], str | None]
+REQUIRED: Any = object()  # the default of a setting the file must give
 
 
-# --------------------------------------------------------------------------- snapshot types
+ReadFn = Callable[["_Reader", Any, str, dict[str, Any]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How one key of the file is read. ``read`` handles lists and maps of records (and checks
+    that span keys); every other setting is read by its type: a scalar, a list of strings, or a
+    nested section whose default is an instance of it."""
+
+    default: Any = REQUIRED
+    check: Check | None = None
+    restart: bool = False  # kept from the running config by a reload until the next start
+    convert: Callable[[Any], Any] | None = None
+    read: ReadFn | None = None
+
+
+def setting(
+    default: Any = REQUIRED,
+    *,
+    check: Check | None = None,
+    restart: bool = False,
+    convert: Callable[[Any], Any] | None = None,
+    read: ReadFn | None = None,
+) -> Any:
+    """Declare a field of a section as a key of the file."""
+    return field(metadata={"setting": Setting(default, check, restart, convert, read)})
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _port(v: Any) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a port number 0..65535"
+
+
+def _http_url(v: Any) -> str | None:
+    try:
+        parts = urlsplit(v)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        return f"must be an http:// or https:// URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "must be an http:// or https:// URL"
+    return None
+
+
+def _redis_url(v: Any) -> str | None:
+    if v == "embedded":
+        return None
+    from proxy.store.topology import parse_url  # here: the store imports this module
+
+    try:
+        parse_url(v)
+    except ValueError as exc:
+        return f"must be 'embedded' or a Redis URL of SPEC §2: {exc}"
+    return None
+
+
+def _absolute_path(v: Any) -> str | None:
+    return None if v.startswith("/") else "must start with '/'"
+
+
+def _one_of(*choices: str) -> Check:
+    message = f"must be {' or '.join(choices)}"
+    return lambda v: None if v in choices else message
+
+
+def _unique(message: str) -> Check:
+    return lambda v: message if len(set(v)) != len(v) else None
+
+
+def _sha256_hex(v: Any) -> str | None:
+    if re.fullmatch(r"[0-9a-f]{64}", v):
+        return None
+    return "must be 64 lowercase hex characters (sha256 of the token)"
+
+
+def _lower_all(v: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(x.lower() for x in v)
+
+
+# --------------------------------------------------------------------------- records and sections
 
 
 @dataclass(frozen=True, slots=True)
 class Listen:
-    host: str
-    port: int
+    host: str = setting()
+    port: int = setting(check=_port)
 
 
 @dataclass(frozen=True, slots=True)
 class AdminToken:
-    name: str
-    sha256: str
-    roles: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    listen: Listen
-    tokens: tuple[AdminToken, ...]
-    tokens_by_hash: Mapping[str, AdminToken]
-
-
-@dataclass(frozen=True, slots=True)
-class RedisConfig:
-    url: str
-    timeout_ms: int
-    breaker_failures: int
-    breaker_reset_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class KeysConfig:
-    pepper_env: str
-    pepper_file: str | None
+    name: str = setting()
+    sha256: str = setting(check=_sha256_hex)
+    roles: tuple[str, ...] = setting(
+        (), check=lambda v: None if v else "must list at least one role"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect_s: float
-    first_byte_s: float
-    idle_s: float
+    connect_s: float = setting(5.0, check=_positive)
+    first_byte_s: float = setting(120.0, check=_positive)
+    idle_s: float = setting(60.0, check=_positive)
 
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    name: str
-    url: str
-    api_key_env: str | None
-    timeouts: Timeouts
+    name: str  # its key under `upstreams`
+    url: str = setting(check=_http_url, convert=lambda v: (v or "").rstrip("/"))
+    api_key_env: str | None = setting(None)  # the env var holding the upstream credential
+    timeouts: Timeouts = setting()
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    path_prefix: str
-    product: str
-    upstream: str
-    rewrite_prefix: str | None
-    host: str | None
+    path_prefix: str = setting(check=_absolute_path)
+    product: str = setting()
+    upstream: str = setting()
+    rewrite_prefix: str | None = setting(None, check=_absolute_path)
+    host: str | None = setting(None)
+
+
+def _read_phases(r: _Reader, raw: Any, path: str, siblings: dict[str, Any]) -> Mapping[str, str]:
+    products = r.root["products"]
+    m = r.mapping(raw, path, products)
+    phases: dict[str, str] = {}
+    for product in products:
+        phases[product] = r.get(m, product, path, str, "closed", _phase)
+    return MappingProxyType(phases)
+
+
+def _phase(v: Any) -> str | None:
+    return None if v in PHASES else f"phase must be one of {', '.join(PHASES)}"
 
 
 @dataclass(frozen=True, slots=True)
 class Program:
-    name: str
-    models: tuple[str, ...]
-    required_approvals: tuple[str, ...]
-    phases: Mapping[str, str]
-    blocked_categories: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    ttl_seconds: float
-    stale_if_error_seconds: float
-    max_entries: int
-    propagation_target_ms: int
+    name: str  # its key under `programs`
+    models: tuple[str, ...] = setting()  # exact names or globs
+    required_approvals: tuple[str, ...] = setting(
+        ("provider",), check=_unique("lists a role twice")
+    )
+    phases: Mapping[str, str] = setting(None, read=_read_phases)  # per product; default closed
+    blocked_categories: tuple[str, ...] = setting((), convert=_lower_all)
 
 
 @dataclass(frozen=True, slots=True)
 class Tier:
-    name: str
-    min_score: int
-    rate_limit_factor: float
-    blocked_categories: tuple[str, ...]
-    block_seconds: float | None
-    suspend: bool
-    shadow: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ClassifierConfig:
-    url: str | None
-    timeout_ms: int
-    fail_mode: str
-
-
-@dataclass(frozen=True, slots=True)
-class MisuseConfig:
-    window_seconds: float
-    upstream_flag_header: str
-    classifier: ClassifierConfig
-    tiers: tuple[Tier, ...]  # sorted by min_score
+    name: str = setting()
+    min_score: int = setting(check=_positive)
+    rate_limit_factor: float = setting(1.0, check=_positive)
+    blocked_categories: tuple[str, ...] = setting((), convert=_lower_all)
+    block_seconds: float | None = setting(None, check=_positive)
+    suspend: bool = setting(None)  # default: true for the tier named `suspended`
+    shadow: bool = setting(False)
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    requests_per_minute: int
-    burst: int
-    concurrent: int
-    shadow: bool
+    requests_per_minute: int = setting(600, check=_positive)
+    burst: int = setting(60, check=_non_negative)
+    concurrent: int = setting(50, check=_positive)
+    shadow: bool = setting(False)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input: float = setting(check=_non_negative)
+    output: float = setting(check=_non_negative)
+    cached_input: float | None = setting(None, check=_non_negative)
+    cache_write: float | None = setting(None, check=_non_negative)
+
+
+def _read_tokens(
+    r: _Reader, raw: Any, path: str, siblings: dict[str, Any]
+) -> tuple[AdminToken, ...]:
+    tokens: list[AdminToken] = []
+    seen_names: set[str] = set()
+    seen_hashes: set[str] = set()
+    for _, p, m in r.records(raw, path, AdminToken):
+        values = r.fields(m, p, AdminToken)
+        name, digest = values["name"], values["sha256"]
+        for j, role in enumerate(values["roles"]):
+            if role not in ROLES and not re.fullmatch(r"approver:[a-z0-9_-]+", role):
+                r.err(
+                    f"{p}.roles[{j}]",
+                    f"unknown role {role!r} (operator, viewer or approver:<role>)",
+                )
+        if name in seen_names:
+            r.err(f"{p}.name", f"duplicate admin token name {name!r}")
+        if digest in seen_hashes:
+            r.err(f"{p}.sha256", "duplicate token hash")
+        if name and digest:
+            seen_names.add(name)
+            seen_hashes.add(digest)
+            tokens.append(AdminToken(**values))
+    return tuple(tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Listen = setting(Listen("127.0.0.1", 9090), restart=True)
+    tokens: tuple[AdminToken, ...] = setting(None, read=_read_tokens)
+    tokens_by_hash: Mapping[str, AdminToken] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_hash = MappingProxyType({t.sha256: t for t in self.tokens})
+        object.__setattr__(self, "tokens_by_hash", by_hash)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = setting("embedded", check=_redis_url, restart=True)  # env REDIS_URL wins
+    timeout_ms: int = setting(50, check=_positive)
+    breaker_failures: int = setting(3, check=_positive)
+    breaker_reset_s: float = setting(1.0, check=_positive)
+
+
+@dataclass(frozen=True, slots=True)
+class KeysConfig:
+    pepper_env: str = setting("ACCESS_PROXY_PEPPER", restart=True)
+    pepper_file: str | None = setting(None, restart=True)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    ttl_seconds: float = setting(5.0, check=_positive)
+    stale_if_error_seconds: float = setting(300.0)
+    max_entries: int = setting(100_000, check=_positive, restart=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierConfig:
+    url: str | None = setting(None, check=_http_url)
+    timeout_ms: int = setting(100, check=_positive)
+    fail_mode: str = setting("closed", check=_one_of("open", "closed"))
+
+
+_DEFAULT_TIERS: list[Any] = [
+    {"name": "watch", "min_score": 1},
+    {
+        "name": "restricted",
+        "min_score": 3,
+        "rate_limit_factor": 0.2,
+        "blocked_categories": ["cyber"],
+    },
+    {"name": "cooldown", "min_score": 5, "block_seconds": 900},
+    {"name": "suspended", "min_score": 8},
+]
+
+
+def _read_tiers(r: _Reader, raw: Any, path: str, siblings: dict[str, Any]) -> tuple[Tier, ...]:
+    tiers: list[Tier] = []
+    tier_index: dict[str, int] = {}
+    tier_names: set[str] = set()
+    for i, p, m in r.records(raw, path, Tier):
+        values = r.fields(m, p, Tier)
+        name = values["name"]
+        if name is not None and (name in tier_names or name == "normal"):
+            r.err(f"{p}.name", f"duplicate tier name {name!r}")
+        tier_names.add(name)
+        if values["suspend"] is None:
+            values["suspend"] = name == "suspended"
+        if name is not None and values["min_score"] is not None:
+            tiers.append(Tier(**values))
+            tier_index.setdefault(name, i)
+    tiers.sort(key=lambda t: t.min_score)
+    for a, b in itertools.pairwise(tiers):
+        if a.min_score == b.min_score:
+            later = max(tier_index[a.name], tier_index[b.name])
+            r.err(
+                f"{path}[{later}].min_score",
+                f"tiers {a.name!r} and {b.name!r} share min_score {a.min_score}",
+            )
+    return tuple(tiers)
+
+
+@dataclass(frozen=True, slots=True)
+class MisuseConfig:
+    window_seconds: float = setting(604800.0, check=_positive)
+    upstream_flag_header: str = setting("x-safety-flag", convert=str.lower)
+    classifier: ClassifierConfig = setting()
+    tiers: tuple[Tier, ...] = setting(_DEFAULT_TIERS, read=_read_tiers)  # sorted by min_score
+
+
+def _read_program_limits(
+    r: _Reader, raw: Any, path: str, siblings: dict[str, Any]
+) -> Mapping[str, RateLimit]:
+    # A program's limit inherits the unset numbers from the default, but not its shadow mode.
+    base = dataclasses.replace(siblings["default"], shadow=False)
+    limits: dict[str, RateLimit] = {}
+    for name, p, item in r.named(raw, path):
+        if name not in r.root["programs"]:
+            r.err(p, f"unknown program {name!r}")
+        limits[name] = RateLimit(**r.section(item, p, RateLimit, base))
+    return MappingProxyType(limits)
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimits:
-    default: RateLimit
-    programs: Mapping[str, RateLimit]
-    enabled: bool = True
+    enabled: bool = setting(True)
+    default: RateLimit = setting()
+    programs: Mapping[str, RateLimit] = setting(None, read=_read_program_limits)
 
     def for_program(self, program: str | None) -> RateLimit:
         if program is None:
@@ -160,54 +354,218 @@ class RateLimits:
         return self.programs.get(program, self.default)
 
 
-@dataclass(frozen=True, slots=True)
-class Price:
-    input: float
-    output: float
-    cached_input: float | None
-    cache_write: float | None
+def _read_prices(r: _Reader, raw: Any, path: str, siblings: dict[str, Any]) -> Mapping[str, Price]:
+    return MappingProxyType(
+        {name: Price(**r.section(item, p, Price)) for name, p, item in r.named(raw, path)}
+    )
 
 
 @dataclass(frozen=True, slots=True)
-class Pricing:
-    cache_write_multiplier: float
-    cached_input_discount: float
-    models: Mapping[str, Price]
+class Pricing:  # USD per 1M tokens
+    cache_write_multiplier: float = setting(1.25, check=_non_negative)
+    cached_input_discount: float = setting(
+        0.9, check=lambda v: None if 0 <= v <= 1 else "must be between 0 and 1"
+    )
+    models: Mapping[str, Price] = setting(None, read=_read_prices)
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_body_bytes: int
+    max_body_bytes: int = setting(10 * 1024 * 1024, check=_positive)
+
+
+def _read_upstreams(
+    r: _Reader, raw: Any, path: str, siblings: dict[str, Any]
+) -> Mapping[str, Upstream]:
+    return MappingProxyType(
+        {
+            name: Upstream(name=name, **r.section(item, p, Upstream))
+            for name, p, item in r.named(raw, path)
+        }
+    )
+
+
+def _read_routes(r: _Reader, raw: Any, path: str, siblings: dict[str, Any]) -> tuple[Route, ...]:
+    products, upstreams = siblings["products"], siblings["upstreams"]
+    routes: list[Route] = []
+    seen: set[tuple[str | None, str | None]] = set()
+    for _, p, m in r.records(raw, path, Route):
+        values = r.fields(m, p, Route)
+        prefix, product, upstream = values["path_prefix"], values["product"], values["upstream"]
+        if product is not None and product not in products:
+            r.err(f"{p}.product", f"unknown product {product!r} (products: {', '.join(products)})")
+        if upstream is not None and upstream not in upstreams:
+            r.err(f"{p}.upstream", f"route to undefined upstream {upstream!r}")
+        if prefix and (values["host"], prefix) in seen:
+            r.err(f"{p}.path_prefix", f"duplicate route for path_prefix {prefix!r}")
+        seen.add((values["host"], prefix))
+        if prefix and product and upstream:
+            routes.append(Route(**values))
+    # Longest prefix first, so /codex/v1/ wins over /v1/-style catch-alls regardless of order.
+    routes.sort(key=lambda route: (route.host is None, -len(route.path_prefix)))
+    return tuple(routes)
+
+
+def _read_programs(
+    r: _Reader, raw: Any, path: str, siblings: dict[str, Any]
+) -> Mapping[str, Program]:
+    tokens = siblings["admin"].tokens
+    known_roles = {x.split(":", 1)[1] for t in tokens for x in t.roles if x.startswith("approver:")}
+    owner: dict[str, str] = {}  # model entry -> the program that lists it
+    programs: dict[str, Program] = {}
+    for name, p, item in r.named(raw, path):
+        values = r.section(item, p, Program)
+        seen: set[str] = set()
+        for j, model in enumerate(values["models"]):
+            if model in seen:
+                r.err(f"{p}.models[{j}]", f"model {model!r} listed twice")
+            elif model in owner:
+                r.err(
+                    f"{p}.models[{j}]",
+                    f"model {model!r} already belongs to program {owner[model]!r}",
+                )
+            else:
+                owner[model] = name
+            seen.add(model)
+        for j, role in enumerate(values["required_approvals"]):
+            if known_roles and role not in known_roles:
+                r.err(
+                    f"{p}.required_approvals[{j}]",
+                    f"unknown approval role {role!r}: no admin token has approver:{role}",
+                )
+        programs[name] = Program(name=name, **values)
+    return MappingProxyType(programs)
+
+
+def _read_networks(
+    r: _Reader, raw: Any, path: str, siblings: dict[str, Any]
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for i, item in enumerate(r.strings(raw, path)):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            r.err(f"{path}[{i}]", f"not an IP address or CIDR network: {item!r}")
+    return tuple(networks)
 
 
 @dataclass(frozen=True)
 class Config:
-    listen: Listen
-    admin: AdminConfig
-    redis: RedisConfig
-    keys: KeysConfig
-    products: tuple[str, ...]
-    upstreams: Mapping[str, Upstream]
-    routes: tuple[Route, ...]
-    programs: Mapping[str, Program]
-    unlisted_models: str
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    limits: Limits
-    cache: CacheConfig
-    misuse: MisuseConfig
-    rate_limits: RateLimits
-    pricing: Pricing
-    state_dir: str
-    shutdown_grace_s: float
-    version: str
-    source: str
-    program_of_model: Mapping[str, str] = field(default_factory=dict)
+    version: str  # the first 12 hex digits of the file's sha256
+    source: str  # the file it was read from
+    listen: Listen = setting(Listen("0.0.0.0", 8080), restart=True)
+    admin: AdminConfig = setting()
+    redis: RedisConfig = setting()
+    keys: KeysConfig = setting()
+    products: tuple[str, ...] = setting(
+        ("api", "codex", "chatgpt"), check=_unique("lists a product twice")
+    )
+    upstreams: Mapping[str, Upstream] = setting(read=_read_upstreams)
+    routes: tuple[Route, ...] = setting(read=_read_routes)
+    programs: Mapping[str, Program] = setting(read=_read_programs)
+    unlisted_models: str = setting("allow", check=_one_of("allow", "deny"))
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = setting(
+        None, read=_read_networks
+    )
+    limits: Limits = setting()
+    cache: CacheConfig = setting()
+    misuse: MisuseConfig = setting()
+    rate_limits: RateLimits = setting()
+    pricing: Pricing = setting()
+    state_dir: str = setting(".state", restart=True)
+    shutdown_grace_s: float = setting(30.0, check=_non_negative, convert=float)
+    program_of_model: Mapping[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        owner = {m: name for name, p in self.programs.items() for m in p.models}
+        object.__setattr__(self, "program_of_model", MappingProxyType(owner))
 
     def route_for(self, path: str, host: str | None) -> Route | None:
         for route in self.routes:
             if path.startswith(route.path_prefix) and (route.host is None or route.host == host):
                 return route
         return None
+
+
+# --------------------------------------------------------------------------- what derives from them
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """One declared key of a section: its name, how it is read, and what it holds."""
+
+    name: str
+    setting: Setting
+    kind: Any  # a tuple of scalar types, _STRINGS, a section class, or None (read by `read`)
+
+
+_STRINGS = "list of strings"
+
+
+_DECLARED: dict[type, tuple[Declared, ...]] = {}
+
+
+def declared(cls: type) -> tuple[Declared, ...]:
+    """The keys a section class declares, in the order the file documents them."""
+    known = _DECLARED.get(cls)
+    if known is not None:
+        return known
+    hints = typing.get_type_hints(cls)
+    out: list[Declared] = []
+    for f in dataclasses.fields(cls):
+        s = f.metadata.get("setting")
+        if s is not None:
+            out.append(Declared(f.name, s, None if s.read else _kind(hints[f.name])))
+    _DECLARED[cls] = tuple(out)
+    return _DECLARED[cls]
+
+
+def _kind(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, UnionType) and len(args) == 1:  # `X | None`
+        hint = args[0]
+    if typing.get_origin(hint) is tuple and typing.get_args(hint) == (str, ...):
+        return _STRINGS
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if hint in (str, int, float, bool):
+        return (hint,)
+    raise TypeError(f"no reader for a setting of type {hint!r}: give it read=")
+
+
+def is_section(value: Any) -> bool:
+    """Whether ``value`` is a section of declared settings (as opposed to a setting's value)."""
+    return dataclasses.is_dataclass(value) and bool(declared(type(value)))
+
+
+def _restart_paths(cls: type, path: str = "") -> Iterator[str]:
+    for d in declared(cls):
+        sub = f"{path}.{d.name}" if path else d.name
+        if d.setting.restart:
+            yield sub
+        elif isinstance(d.kind, type):
+            yield from _restart_paths(d.kind, sub)
+
+
+# Settings a running process keeps until restart (the worker count is a command-line flag).
+RESTART_ONLY = tuple(_restart_paths(Config))
+_TOP = tuple(d.name for d in declared(Config))
+
+
+def keep_restart_only(running: Any, new: Any) -> Any:
+    """``new`` with every setting declared ``restart=True`` taken from ``running``."""
+    changes: dict[str, Any] = {}
+    for d in declared(type(new)):
+        if d.setting.restart:
+            changes[d.name] = getattr(running, d.name)
+        elif isinstance(d.kind, type) and any(_restart_paths(d.kind)):
+            changes[d.name] = keep_restart_only(getattr(running, d.name), getattr(new, d.name))
+    return dataclasses.replace(new, **changes)
+
+
+def redis_url(cfg: Config) -> str:
+    """The Redis URL to use: env ``REDIS_URL`` wins over ``redis.url``."""
+    return env.redis_url() or cfg.redis.url
 
 
 # --------------------------------------------------------------------------- errors
@@ -328,7 +686,7 @@ _MISSING = object()
 
 
 class _Checker:
-    """Collects every problem instead of stopping at the first."""
+    """Checks values and collects every problem instead of stopping at the first."""
 
     def __init__(self, lines: dict[str, int]) -> None:
         self.lines = lines
@@ -348,7 +706,7 @@ class _Checker:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.err(path, f"must be a mapping, got {_kind(value)}")
+            self.err(path, f"must be a mapping, got {_kind_name(value)}")
             return {}
         for key in value:
             if key not in allowed:
@@ -365,7 +723,7 @@ class _Checker:
         path: str,
         kind: type[T] | tuple[type, ...],
         default: Any = _MISSING,
-        check: Callable[[Any], str | None] | None = None,
+        check: Check | None = None,
     ) -> Any:
         p = _join(path, key)
         if key not in m or (m[key] is None and default is not _MISSING):
@@ -380,7 +738,7 @@ class _Checker:
             ok = True
         if not ok:
             names = " or ".join(k.__name__ for k in kinds)
-            self.err(p, f"must be {names}, got {_kind(value)}")
+            self.err(p, f"must be {names}, got {_kind_name(value)}")
             return default if default is not _MISSING else None
         if check is not None:
             problem = check(value)
@@ -388,17 +746,101 @@ class _Checker:
                 self.err(p, problem)
         return value
 
+    def strings(self, value: Any, path: str) -> tuple[str, ...]:
+        """A list of non-empty strings at ``path`` (absent or null: empty)."""
+        out: list[str] = []
+        items = self.get({"": value}, "", path, list, [])
+        for i, item in enumerate(items or []):
+            if not isinstance(item, str) or not item:
+                self.err(f"{path}[{i}]", f"must be a non-empty string, got {_kind_name(item)}")
+            else:
+                out.append(item)
+        return tuple(out)
+
+
+class _Reader(_Checker):
+    """Reads sections by their declarations; ``root`` holds the top-level values read so far,
+    so a later section can check against an earlier one (routes against upstreams)."""
+
+    def __init__(self, lines: dict[str, int]) -> None:
+        super().__init__(lines)
+        self.root: dict[str, Any] = {}
+
+    def section(
+        self, raw: Any, path: str, cls: type, base: Any = None, into: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The values of the keys ``cls`` declares, read from the mapping ``raw``."""
+        m = self.mapping(raw, path, tuple(d.name for d in declared(cls)))
+        return self.fields(m, path, cls, base, into)
+
+    def fields(
+        self,
+        m: Mapping[str, Any],
+        path: str,
+        cls: type,
+        base: Any = None,
+        into: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Like ``section`` for a mapping already checked; ``base`` supplies the defaults."""
+        values: dict[str, Any] = {} if into is None else into
+        for d in declared(cls):
+            default = d.setting.default if base is None else getattr(base, d.name)
+            value = self._one(m, d, path, default, values)
+            values[d.name] = d.setting.convert(value) if d.setting.convert else value
+        return values
+
+    def _one(
+        self, m: Mapping[str, Any], d: Declared, parent: str, default: Any, siblings: dict[str, Any]
+    ) -> Any:
+        s, key = d.setting, d.name
+        path = _join(parent, key)
+        if s.read is not None:
+            if default is REQUIRED and key not in m:
+                self.err(path, "is required")
+            raw = m.get(key)
+            if raw is None and default is not REQUIRED:
+                raw = default
+            return s.read(self, raw, path, siblings)
+        if d.kind is _STRINGS:
+            value = self.strings(m.get(key), path)
+            if default is REQUIRED and key not in m:
+                self.err(path, "is required")
+            value = value or (() if default is REQUIRED else default)
+            problem = s.check(value) if s.check is not None else None
+            if problem:
+                self.err(path, problem)
+            return value
+        if isinstance(d.kind, type):
+            base = default if isinstance(default, d.kind) else None
+            return d.kind(**self.section(m.get(key), path, d.kind, base))
+        return self.get(
+            m, key, parent, d.kind, _MISSING if default is REQUIRED else default, s.check
+        )
+
+    def records(self, raw: Any, path: str, cls: type) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """Each non-empty mapping of the list at ``path``, checked for the keys ``cls`` declares."""
+        keys = tuple(d.name for d in declared(cls))
+        for i, item in enumerate(self.get({"": raw}, "", path, list, []) or []):
+            p = f"{path}[{i}]"
+            m = self.mapping(item, p, keys)
+            if m:
+                yield i, p, m
+
+    def named(self, raw: Any, path: str) -> Iterator[tuple[str, str, Any]]:
+        """Each entry of a mapping whose keys are names (upstreams, programs): any key goes."""
+        for name, item in self.mapping(raw, path, _keys_of(raw)).items():
+            yield str(name), f"{path}.{name}", item
+
 
 def _keys_of(value: Any) -> tuple[str, ...]:
-    """The keys of a mapping whose keys are names (upstreams, programs): any key is allowed."""
     return tuple(value) if isinstance(value, dict) else ()
 
 
 def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+    return f"{path}.{key}" if path and key else path or key
 
 
-def _kind(value: Any) -> str:
+def _kind_name(value: Any) -> str:
     if value is None:
         return "null"
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
@@ -406,456 +848,13 @@ def _kind(value: Any) -> str:
     )
 
 
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be >= 0"
-
-
-def _port(v: Any) -> str | None:
-    return None if 0 <= v <= 65535 else "must be a port number 0..65535"
-
-
-def _http_url(v: Any) -> str | None:
-    try:
-        parts = urlsplit(v)
-    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        return f"must be an http:// or https:// URL ({exc})"
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return "must be an http:// or https:// URL"
-    return None
-
-
-def _listen(c: _Checker, value: Any, path: str, host: str, port: int) -> Listen:
-    m = c.mapping(value, path, ("host", "port"))
-    return Listen(
-        host=c.get(m, "host", path, str, host),
-        port=c.get(m, "port", path, int, port, _port),
-    )
-
-
-def _str_list(c: _Checker, m: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
-    value = c.get(m, key, path, list, [])
-    out: list[str] = []
-    for i, item in enumerate(value or []):
-        if not isinstance(item, str) or not item:
-            c.err(f"{_join(path, key)}[{i}]", f"must be a non-empty string, got {_kind(item)}")
-        else:
-            out.append(item)
-    return tuple(out)
-
-
-def _rate_limit(c: _Checker, value: Any, path: str, base: RateLimit | None) -> RateLimit:
-    m = c.mapping(value, path, ("requests_per_minute", "burst", "concurrent", "shadow"))
-    b = base or RateLimit(600, 60, 50, False)
-    return RateLimit(
-        requests_per_minute=c.get(
-            m, "requests_per_minute", path, int, b.requests_per_minute, _positive
-        ),
-        burst=c.get(m, "burst", path, int, b.burst, _non_negative),
-        concurrent=c.get(m, "concurrent", path, int, b.concurrent, _positive),
-        shadow=c.get(m, "shadow", path, bool, False),
-    )
-
-
-_TOP = (
-    "listen",
-    "admin",
-    "redis",
-    "keys",
-    "products",
-    "upstreams",
-    "routes",
-    "programs",
-    "unlisted_models",
-    "trusted_proxies",
-    "limits",
-    "cache",
-    "misuse",
-    "rate_limits",
-    "pricing",
-    "state_dir",
-    "shutdown_grace_s",
-)
-
-
 def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config:
     """Validate parsed YAML and build a snapshot, or raise ConfigError with every issue."""
-    c = _Checker(lines)
-    if data is None:
-        data = {}
-    top = c.mapping(data, "", _TOP)
-
-    listen = _listen(c, top.get("listen"), "listen", "0.0.0.0", 8080)
-
-    admin_m = c.mapping(top.get("admin"), "admin", ("listen", "tokens"))
-    admin_listen = _listen(c, admin_m.get("listen"), "admin.listen", "127.0.0.1", 9090)
-    tokens: list[AdminToken] = []
-    seen_names: set[str] = set()
-    seen_hashes: set[str] = set()
-    for i, raw in enumerate(c.get(admin_m, "tokens", "admin", list, []) or []):
-        p = f"admin.tokens[{i}]"
-        tm = c.mapping(raw, p, ("name", "sha256", "roles"))
-        if not tm:
-            continue
-        name = c.get(tm, "name", p, str)
-        digest = c.get(
-            tm,
-            "sha256",
-            p,
-            str,
-            check=lambda v: (
-                None
-                if re.fullmatch(r"[0-9a-f]{64}", v)
-                else "must be 64 lowercase hex characters (sha256 of the token)"
-            ),
-        )
-        roles = _str_list(c, tm, "roles", p)
-        for j, role in enumerate(roles):
-            if role not in ROLES and not re.fullmatch(r"approver:[a-z0-9_-]+", role):
-                c.err(
-                    f"{p}.roles[{j}]",
-                    f"unknown role {role!r} (operator, viewer or approver:<role>)",
-                )
-        if not roles:
-            c.err(f"{p}.roles", "must list at least one role")
-        if name in seen_names:
-            c.err(f"{p}.name", f"duplicate admin token name {name!r}")
-        if digest in seen_hashes:
-            c.err(f"{p}.sha256", "duplicate token hash")
-        if name and digest:
-            seen_names.add(name)
-            seen_hashes.add(digest)
-            tokens.append(AdminToken(name, digest, roles))
-    admin = AdminConfig(
-        listen=admin_listen,
-        tokens=tuple(tokens),
-        tokens_by_hash=MappingProxyType({t.sha256: t for t in tokens}),
-    )
-
-    rm = c.mapping(
-        top.get("redis"), "redis", ("url", "timeout_ms", "breaker_failures", "breaker_reset_s")
-    )
-    redis_cfg = RedisConfig(
-        url=c.get(rm, "url", "redis", str, "embedded"),
-        timeout_ms=c.get(rm, "timeout_ms", "redis", int, 50, _positive),
-        breaker_failures=c.get(rm, "breaker_failures", "redis", int, 3, _positive),
-        breaker_reset_s=c.get(rm, "breaker_reset_s", "redis", float, 1.0, _positive),
-    )
-    if redis_cfg.url != "embedded":
-        from proxy.store.topology import parse_url  # here: the store imports this module
-
-        try:
-            parse_url(redis_cfg.url)
-        except ValueError as exc:
-            c.err("redis.url", f"must be 'embedded' or a Redis URL of SPEC §2: {exc}")
-
-    km = c.mapping(top.get("keys"), "keys", ("pepper_env", "pepper_file"))
-    keys = KeysConfig(
-        pepper_env=c.get(km, "pepper_env", "keys", str, "ACCESS_PROXY_PEPPER"),
-        pepper_file=c.get(km, "pepper_file", "keys", str, None),
-    )
-
-    products = _str_list(c, top, "products", "") or ("api", "codex", "chatgpt")
-    if len(set(products)) != len(products):
-        c.err("products", "lists a product twice")
-
-    upstreams: dict[str, Upstream] = {}
-    if "upstreams" not in top:
-        c.err("upstreams", "is required")
-    um = c.mapping(top.get("upstreams"), "upstreams", _keys_of(top.get("upstreams")))
-    for name, raw in um.items():
-        p = f"upstreams.{name}"
-        m = c.mapping(raw, p, ("url", "api_key_env", "timeouts"))
-        tm = c.mapping(m.get("timeouts"), f"{p}.timeouts", ("connect_s", "first_byte_s", "idle_s"))
-        tp = f"{p}.timeouts"
-        upstreams[str(name)] = Upstream(
-            name=str(name),
-            url=(c.get(m, "url", p, str, check=_http_url) or "").rstrip("/"),
-            api_key_env=c.get(m, "api_key_env", p, str, None),
-            timeouts=Timeouts(
-                connect_s=c.get(tm, "connect_s", tp, float, 5.0, _positive),
-                first_byte_s=c.get(tm, "first_byte_s", tp, float, 120.0, _positive),
-                idle_s=c.get(tm, "idle_s", tp, float, 60.0, _positive),
-            ),
-        )
-
-    routes: list[Route] = []
-    route_keys: set[tuple[str | None, str | None]] = set()
-    if "routes" not in top:
-        c.err("routes", "is required")
-    for i, raw in enumerate(c.get(top, "routes", "", list, []) or []):
-        p = f"routes[{i}]"
-        m = c.mapping(raw, p, ("path_prefix", "product", "upstream", "rewrite_prefix", "host"))
-        if not m:
-            continue
-        prefix = c.get(
-            m,
-            "path_prefix",
-            p,
-            str,
-            check=lambda v: None if v.startswith("/") else "must start with '/'",
-        )
-        product = c.get(m, "product", p, str)
-        upstream = c.get(m, "upstream", p, str)
-        if product is not None and product not in products:
-            c.err(f"{p}.product", f"unknown product {product!r} (products: {', '.join(products)})")
-        if upstream is not None and upstream not in upstreams:
-            c.err(f"{p}.upstream", f"route to undefined upstream {upstream!r}")
-        rewrite = c.get(
-            m,
-            "rewrite_prefix",
-            p,
-            str,
-            None,
-            lambda v: None if v.startswith("/") else "must start with '/'",
-        )
-        host = c.get(m, "host", p, str, None)
-        if prefix and (host, prefix) in route_keys:
-            c.err(f"{p}.path_prefix", f"duplicate route for path_prefix {prefix!r}")
-        route_keys.add((host, prefix))
-        if prefix and product and upstream:
-            routes.append(Route(prefix, product, upstream, rewrite, host))
-    # Longest prefix first, so /codex/v1/ wins over /v1/-style catch-alls regardless of order.
-    routes.sort(key=lambda r: (r.host is None, -len(r.path_prefix)))
-
-    programs: dict[str, Program] = {}
-    program_of_model: dict[str, str] = {}
-    if "programs" not in top:
-        c.err("programs", "is required")
-    pm = c.mapping(top.get("programs"), "programs", _keys_of(top.get("programs")))
-    known_roles = {r.split(":", 1)[1] for t in tokens for r in t.roles if r.startswith("approver:")}
-    for name, raw in pm.items():
-        p = f"programs.{name}"
-        m = c.mapping(raw, p, ("models", "required_approvals", "phases", "blocked_categories"))
-        models = _str_list(c, m, "models", p)
-        if "models" not in m:
-            c.err(f"{p}.models", "is required")
-        seen: set[str] = set()
-        for j, model in enumerate(models):
-            if model in seen:
-                c.err(f"{p}.models[{j}]", f"model {model!r} listed twice")
-            elif model in program_of_model:
-                c.err(
-                    f"{p}.models[{j}]",
-                    f"model {model!r} already belongs to program {program_of_model[model]!r}",
-                )
-            else:
-                program_of_model[model] = str(name)
-            seen.add(model)
-        approvals = _str_list(c, m, "required_approvals", p)
-        if not approvals:
-            approvals = ("provider",)
-        if len(set(approvals)) != len(approvals):
-            c.err(f"{p}.required_approvals", "lists a role twice")
-        for j, role in enumerate(approvals):
-            if known_roles and role not in known_roles:
-                c.err(
-                    f"{p}.required_approvals[{j}]",
-                    f"unknown approval role {role!r}: no admin token has approver:{role}",
-                )
-        phm = c.mapping(m.get("phases"), f"{p}.phases", products)
-        phases: dict[str, str] = {}
-        for product in products:
-            phase = c.get(phm, product, f"{p}.phases", str, "closed")
-            if phase not in PHASES:
-                c.err(f"{p}.phases.{product}", f"phase must be one of {', '.join(PHASES)}")
-            phases[product] = phase
-        programs[str(name)] = Program(
-            name=str(name),
-            models=models,
-            required_approvals=approvals,
-            phases=MappingProxyType(phases),
-            blocked_categories=tuple(x.lower() for x in _str_list(c, m, "blocked_categories", p)),
-        )
-
-    unlisted = c.get(
-        top,
-        "unlisted_models",
-        "",
-        str,
-        "allow",
-        lambda v: None if v in ("allow", "deny") else "must be allow or deny",
-    )
-
-    trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for i, item in enumerate(_str_list(c, top, "trusted_proxies", "")):
-        try:
-            trusted.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            c.err(f"trusted_proxies[{i}]", f"not an IP address or CIDR network: {item!r}")
-
-    lm = c.mapping(top.get("limits"), "limits", ("max_body_bytes",))
-    limits = Limits(c.get(lm, "max_body_bytes", "limits", int, 10 * 1024 * 1024, _positive))
-
-    cm = c.mapping(
-        top.get("cache"),
-        "cache",
-        ("ttl_seconds", "stale_if_error_seconds", "max_entries", "propagation_target_ms"),
-    )
-    cache = CacheConfig(
-        ttl_seconds=c.get(cm, "ttl_seconds", "cache", float, 5.0, _positive),
-        stale_if_error_seconds=c.get(cm, "stale_if_error_seconds", "cache", float, 300.0),
-        max_entries=c.get(cm, "max_entries", "cache", int, 100_000, _positive),
-        propagation_target_ms=c.get(cm, "propagation_target_ms", "cache", int, 100, _positive),
-    )
-
-    mm = c.mapping(
-        top.get("misuse"),
-        "misuse",
-        ("window_seconds", "upstream_flag_header", "classifier", "tiers"),
-    )
-    clm = c.mapping(mm.get("classifier"), "misuse.classifier", ("url", "timeout_ms", "fail_mode"))
-    classifier = ClassifierConfig(
-        url=c.get(clm, "url", "misuse.classifier", str, None, _http_url),
-        timeout_ms=c.get(clm, "timeout_ms", "misuse.classifier", int, 100, _positive),
-        fail_mode=c.get(
-            clm,
-            "fail_mode",
-            "misuse.classifier",
-            str,
-            "closed",
-            lambda v: None if v in ("open", "closed") else "must be open or closed",
-        ),
-    )
-    default_tiers: list[Any] = [
-        {"name": "watch", "min_score": 1},
-        {
-            "name": "restricted",
-            "min_score": 3,
-            "rate_limit_factor": 0.2,
-            "blocked_categories": ["cyber"],
-        },
-        {"name": "cooldown", "min_score": 5, "block_seconds": 900},
-        {"name": "suspended", "min_score": 8},
-    ]
-    tiers: list[Tier] = []
-    tier_index: dict[str, int] = {}
-    tier_names: set[str] = set()
-    for i, raw in enumerate(c.get(mm, "tiers", "misuse", list, default_tiers) or []):
-        p = f"misuse.tiers[{i}]"
-        m = c.mapping(
-            raw,
-            p,
-            (
-                "name",
-                "min_score",
-                "rate_limit_factor",
-                "blocked_categories",
-                "block_seconds",
-                "suspend",
-                "shadow",
-            ),
-        )
-        if not m:
-            continue
-        name = c.get(m, "name", p, str)
-        if name is not None and (name in tier_names or name == "normal"):
-            c.err(f"{p}.name", f"duplicate tier name {name!r}")
-        tier_names.add(name)
-        tier = Tier(
-            name=name,
-            min_score=c.get(m, "min_score", p, int, check=_positive),
-            rate_limit_factor=c.get(m, "rate_limit_factor", p, float, 1.0, _positive),
-            blocked_categories=tuple(x.lower() for x in _str_list(c, m, "blocked_categories", p)),
-            block_seconds=c.get(m, "block_seconds", p, float, None, _positive),
-            suspend=c.get(m, "suspend", p, bool, name == "suspended"),
-            shadow=c.get(m, "shadow", p, bool, False),
-        )
-        if name is not None and tier.min_score is not None:
-            tiers.append(tier)
-            tier_index.setdefault(name, i)
-    tiers.sort(key=lambda t: t.min_score)
-    for a, b in itertools.pairwise(tiers):
-        if a.min_score == b.min_score:
-            later = max(tier_index[a.name], tier_index[b.name])
-            c.err(
-                f"misuse.tiers[{later}].min_score",
-                f"tiers {a.name!r} and {b.name!r} share min_score {a.min_score}",
-            )
-    misuse = MisuseConfig(
-        window_seconds=c.get(mm, "window_seconds", "misuse", float, 604800.0, _positive),
-        upstream_flag_header=c.get(
-            mm, "upstream_flag_header", "misuse", str, "x-safety-flag"
-        ).lower(),
-        classifier=classifier,
-        tiers=tuple(tiers),
-    )
-
-    rlm = c.mapping(top.get("rate_limits"), "rate_limits", ("enabled", "default", "programs"))
-    default_rl = _rate_limit(c, rlm.get("default"), "rate_limits.default", None)
-    prm = c.mapping(rlm.get("programs"), "rate_limits.programs", _keys_of(rlm.get("programs")))
-    program_limits: dict[str, RateLimit] = {}
-    for name, raw in prm.items():
-        if name not in programs:
-            c.err(f"rate_limits.programs.{name}", f"unknown program {name!r}")
-        program_limits[str(name)] = _rate_limit(c, raw, f"rate_limits.programs.{name}", default_rl)
-    rate_limits = RateLimits(
-        default_rl,
-        MappingProxyType(program_limits),
-        c.get(rlm, "enabled", "rate_limits", bool, True),
-    )
-
-    pr = c.mapping(
-        top.get("pricing"),
-        "pricing",
-        ("cache_write_multiplier", "cached_input_discount", "models"),
-    )
-    prices: dict[str, Price] = {}
-    pmm = c.mapping(pr.get("models"), "pricing.models", _keys_of(pr.get("models")))
-    for model, raw in pmm.items():
-        p = f"pricing.models.{model}"
-        m = c.mapping(raw, p, ("input", "output", "cached_input", "cache_write"))
-        prices[str(model)] = Price(
-            input=c.get(m, "input", p, float, check=_non_negative) or 0.0,
-            output=c.get(m, "output", p, float, check=_non_negative) or 0.0,
-            cached_input=c.get(m, "cached_input", p, float, None, _non_negative),
-            cache_write=c.get(m, "cache_write", p, float, None, _non_negative),
-        )
-    pricing = Pricing(
-        cache_write_multiplier=c.get(
-            pr, "cache_write_multiplier", "pricing", float, 1.25, _non_negative
-        ),
-        cached_input_discount=c.get(
-            pr,
-            "cached_input_discount",
-            "pricing",
-            float,
-            0.9,
-            lambda v: None if 0 <= v <= 1 else "must be between 0 and 1",
-        ),
-        models=MappingProxyType(prices),
-    )
-
-    state_dir = c.get(top, "state_dir", "", str, ".state")
-    grace = c.get(top, "shutdown_grace_s", "", float, 30.0, _non_negative)
-
-    if c.issues:
-        raise ConfigError(source, c.issues)
-    return Config(
-        listen=listen,
-        admin=admin,
-        redis=redis_cfg,
-        keys=keys,
-        products=products,
-        upstreams=MappingProxyType(upstreams),
-        routes=tuple(routes),
-        programs=MappingProxyType(programs),
-        unlisted_models=unlisted,
-        trusted_proxies=tuple(trusted),
-        limits=limits,
-        cache=cache,
-        misuse=misuse,
-        rate_limits=rate_limits,
-        pricing=pricing,
-        state_dir=state_dir,
-        shutdown_grace_s=float(grace),
-        version=version,
-        source=source,
-        program_of_model=MappingProxyType(program_of_model),
-    )
+    r = _Reader(lines)
+    values = r.section({} if data is None else data, "", Config, into=r.root)
+    if r.issues:
+        raise ConfigError(source, r.issues)
+    return Config(**values, version=version, source=source)
 
 
 def parse(text: str, source: str = "<config>") -> Config:
@@ -864,9 +863,9 @@ def parse(text: str, source: str = "<config>") -> Config:
     return build(data, lines, source, version)
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
+def load(path: str | Path | None = None) -> Config:
     """Read and validate a config file; the path defaults to env ACCESS_PROXY_CONFIG."""
-    p = Path(path or os.environ.get("ACCESS_PROXY_CONFIG") or DEFAULT_PATH)
+    p = Path(path or env.config_path() or DEFAULT_PATH)
     try:
         text = p.read_text()
     except OSError as exc:

@@ -7,7 +7,6 @@ Admin tokens are compared by name; their hashes are never printed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,17 +66,30 @@ class _Differ:
     def removed(self, area: str, path: str) -> None:
         self.changes.append(Change(area, path, "", None))
 
-    def fields(self, area: str, path: str, before: Any, after: Any) -> None:
-        """Compare two snapshots of one dataclass field by field, descending into nested ones."""
-        for f in dataclasses.fields(before):
-            a, b = getattr(before, f.name), getattr(after, f.name)
-            sub = f"{path}.{f.name}"
-            if dataclasses.is_dataclass(a) and not isinstance(a, config.Listen):
-                self.fields(area, sub, a, b)
+    def section(self, area: str, path: str, before: Any, after: Any) -> None:
+        """Compare two snapshots of one section key by key, as the section declares them: a
+        setting added to a section shows in the diff without a line here."""
+        for d in config.declared(type(before)):
+            sub = f"{path}.{d.name}" if path else d.name
+            a, b = getattr(before, d.name), getattr(after, d.name)
+            special = _SPECIAL.get(sub)
+            if special is not None:
+                special(self, _AREA.get(sub, sub.split(".")[0]), sub, a, b)
+            elif config.is_section(a) and not isinstance(a, config.Listen):
+                self.section(area or d.name, sub, a, b)
             elif isinstance(a, Mapping):
-                self.mapping(area, sub, a, b, lambda p, x, y: self.changed(area, p, x, y), _render)
+                self.mapping(
+                    area, sub, a, b, lambda p, x, y: self.record(area, p, x, y), _describe_fields
+                )
             else:
-                self.changed(area, sub, a, b)
+                self.changed(area or _AREA.get(sub, d.name), sub, a, b)
+
+    def record(self, area: str, path: str, before: Any, after: Any) -> None:
+        """One entry of a list or map of records (a tier, a program's rate limit, a price)."""
+        if config.is_section(before):
+            self.section(area, path, before, after)
+        else:
+            self.changed(area, path, before, after)
 
     def mapping(
         self,
@@ -126,123 +138,101 @@ def _describe_route(r: Route) -> str:
 
 def _describe_fields(value: Any) -> str:
     return ", ".join(
-        f"{f.name} {_render(getattr(value, f.name))}"
-        for f in dataclasses.fields(value)
-        if f.name != "name"
+        f"{d.name} {_render(getattr(value, d.name))}"
+        for d in config.declared(type(value))
+        if d.name != "name"
     )
+
+
+def _tokens(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
+    """Admin tokens by name; a hash shows only as replaced, never its value."""
+    old_tokens = {t.name: t for t in old}
+    new_tokens = {t.name: t for t in new}
+    for name in old_tokens:
+        if name not in new_tokens:
+            d.removed(area, f"{path}.{name}")
+    for name, token in new_tokens.items():
+        before = old_tokens.get(name)
+        if before is None:
+            d.added(area, f"{path}.{name}", f"roles {_render(token.roles)}")
+            continue
+        d.changed(area, f"{path}.{name}.roles", before.roles, token.roles)
+        if before.sha256 != token.sha256:
+            d.changed(area, f"{path}.{name}.sha256", "(hidden)", "(hidden, replaced)")
+
+
+def _routes(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
+    """Routes by host and path prefix: their order in the file does not matter."""
+    old_routes = {_route_key(r): r for r in old}
+    new_routes = {_route_key(r): r for r in new}
+    for key in old_routes:
+        if key not in new_routes:
+            d.removed(area, f"{path}[{key}]")
+    for key, route in new_routes.items():
+        if key not in old_routes:
+            d.added(area, f"{path}[{key}]", _describe_route(route))
+        else:
+            for f in ("product", "upstream", "rewrite_prefix"):
+                before_value, after_value = getattr(old_routes[key], f), getattr(route, f)
+                d.changed(area, f"{path}[{key}].{f}", before_value, after_value)
+
+
+def _programs(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
+    def compare(sub: str, a: Program, b: Program) -> None:
+        for k in config.declared(Program):
+            x, y = getattr(a, k.name), getattr(b, k.name)
+            if k.name in ("models", "blocked_categories"):
+                d.members(area, f"{sub}.{k.name}", x, y)
+            elif isinstance(x, Mapping):
+                d.mapping(
+                    area, f"{sub}.{k.name}", x, y, lambda p, v, w: d.changed(area, p, v, w), str
+                )
+            else:
+                d.changed(area, f"{sub}.{k.name}", x, y)
+
+    d.mapping(area, path, old, new, compare, _describe_program)
+
+
+def _members(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
+    d.members(area, path, old, new)
+
+
+def _upstreams(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
+    d.mapping(
+        area, path, old, new, lambda p, a, b: d.section(area, p, a, b), lambda u: f"url {u.url}"
+    )
+
+
+def _tiers(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
+    d.mapping(
+        area,
+        path,
+        {t.name: t for t in old},
+        {t.name: t for t in new},
+        lambda p, a, b: d.section(area, p, a, b),
+        _describe_fields,
+    )
+
+
+# Settings compared by their own rule (by name, as a set, hiding hashes); every other setting is
+# compared value by value through the declarations.
+_SPECIAL: dict[str, Callable[[_Differ, str, str, Any, Any], None]] = {
+    "admin.tokens": _tokens,
+    "products": _members,
+    "upstreams": _upstreams,
+    "routes": _routes,
+    "programs": _programs,
+    "trusted_proxies": _members,
+    "misuse.tiers": _tiers,
+}
+# The area a top-level setting is reported under, where it is not its own name.
+_AREA = {"unlisted_models": "programs", "shutdown_grace_s": "shutdown"}
 
 
 def diff(old: Config, new: Config) -> list[Change]:
     """What changes in effect when ``new`` replaces ``old`` (the version itself is not a change)."""
     d = _Differ()
-
-    d.changed("listen", "listen", old.listen, new.listen)
-    d.changed("admin", "admin.listen", old.admin.listen, new.admin.listen)
-    d.changed("redis", "redis.url", old.redis.url, new.redis.url)
-    d.changed("state_dir", "state_dir", old.state_dir, new.state_dir)
-
-    old_tokens = {t.name: t for t in old.admin.tokens}
-    new_tokens = {t.name: t for t in new.admin.tokens}
-    for name in old_tokens:
-        if name not in new_tokens:
-            d.removed("admin", f"admin.tokens.{name}")
-    for name, token in new_tokens.items():
-        before = old_tokens.get(name)
-        if before is None:
-            d.added("admin", f"admin.tokens.{name}", f"roles {_render(token.roles)}")
-            continue
-        d.changed("admin", f"admin.tokens.{name}.roles", before.roles, token.roles)
-        if before.sha256 != token.sha256:
-            d.changed("admin", f"admin.tokens.{name}.sha256", "(hidden)", "(hidden, replaced)")
-
-    for f in ("timeout_ms", "breaker_failures", "breaker_reset_s"):
-        d.changed("redis", f"redis.{f}", getattr(old.redis, f), getattr(new.redis, f))
-    d.fields("keys", "keys", old.keys, new.keys)
-    d.members("products", "products", old.products, new.products)
-
-    d.mapping(
-        "upstreams",
-        "upstreams",
-        old.upstreams,
-        new.upstreams,
-        lambda p, a, b: d.fields("upstreams", p, a, b),
-        lambda u: f"url {u.url}",
-    )
-
-    old_routes = {_route_key(r): r for r in old.routes}
-    new_routes = {_route_key(r): r for r in new.routes}
-    for key in old_routes:
-        if key not in new_routes:
-            d.removed("routes", f"routes[{key}]")
-    for key, route in new_routes.items():
-        if key not in old_routes:
-            d.added("routes", f"routes[{key}]", _describe_route(route))
-        else:
-            for f in ("product", "upstream", "rewrite_prefix"):
-                before_value, after_value = getattr(old_routes[key], f), getattr(route, f)
-                d.changed("routes", f"routes[{key}].{f}", before_value, after_value)
-
-    def compare_program(path: str, a: Program, b: Program) -> None:
-        d.members("programs", f"{path}.models", a.models, b.models)
-        d.changed(
-            "programs", f"{path}.required_approvals", a.required_approvals, b.required_approvals
-        )
-        d.mapping(
-            "programs",
-            f"{path}.phases",
-            a.phases,
-            b.phases,
-            lambda p, x, y: d.changed("programs", p, x, y),
-            str,
-        )
-        d.members(
-            "programs", f"{path}.blocked_categories", a.blocked_categories, b.blocked_categories
-        )
-
-    d.mapping(
-        "programs", "programs", old.programs, new.programs, compare_program, _describe_program
-    )
-    d.changed("programs", "unlisted_models", old.unlisted_models, new.unlisted_models)
-    d.members("trusted_proxies", "trusted_proxies", old.trusted_proxies, new.trusted_proxies)
-    d.fields("limits", "limits", old.limits, new.limits)
-    d.fields("cache", "cache", old.cache, new.cache)
-
-    for f in ("window_seconds", "upstream_flag_header"):
-        d.changed("misuse", f"misuse.{f}", getattr(old.misuse, f), getattr(new.misuse, f))
-    d.fields("misuse", "misuse.classifier", old.misuse.classifier, new.misuse.classifier)
-    d.mapping(
-        "misuse",
-        "misuse.tiers",
-        {t.name: t for t in old.misuse.tiers},
-        {t.name: t for t in new.misuse.tiers},
-        lambda p, a, b: d.fields("misuse", p, a, b),
-        _describe_fields,
-    )
-
-    d.changed(
-        "rate_limits", "rate_limits.enabled", old.rate_limits.enabled, new.rate_limits.enabled
-    )
-    d.fields("rate_limits", "rate_limits.default", old.rate_limits.default, new.rate_limits.default)
-    d.mapping(
-        "rate_limits",
-        "rate_limits.programs",
-        old.rate_limits.programs,
-        new.rate_limits.programs,
-        lambda p, a, b: d.fields("rate_limits", p, a, b),
-        _describe_fields,
-    )
-
-    for f in ("cache_write_multiplier", "cached_input_discount"):
-        d.changed("pricing", f"pricing.{f}", getattr(old.pricing, f), getattr(new.pricing, f))
-    d.mapping(
-        "pricing",
-        "pricing.models",
-        old.pricing.models,
-        new.pricing.models,
-        lambda p, a, b: d.fields("pricing", p, a, b),
-        _describe_fields,
-    )
-    d.changed("shutdown", "shutdown_grace_s", old.shutdown_grace_s, new.shutdown_grace_s)
+    d.section("", "", old, new)
     return d.changes
 
 

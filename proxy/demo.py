@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -26,6 +25,7 @@ import aiohttp
 import yaml
 
 from proxy import config as config_mod
+from proxy import env
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
@@ -295,14 +295,14 @@ async def demo(args: argparse.Namespace) -> int:
     )
     cfg_path = state / "proxy.yaml"
     cfg_path.write_text(text)
-    os.environ.setdefault("UPSTREAM_API_KEY", "demo-upstream-key")
+    env.set_default("UPSTREAM_API_KEY", "demo-upstream-key")
     cfg = config_mod.load(str(cfg_path))
 
     redis = RedisServer(state / "redis", persistent=False)
     await redis.start()
     upstream = MockUpstream()
     await upstream.start("127.0.0.1", args.upstream_port)
-    os.environ.setdefault("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
+    env.set_default("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
     proxy = await build_proxy(cfg, redis_url=redis.url, config_path=str(cfg_path))
     await proxy.start()
     stop = asyncio.Event()

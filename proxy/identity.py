@@ -18,6 +18,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy import env
+
 KEY_PREFIX = "sk-ap-"
 _KEY_ID_LEN = 12
 
@@ -58,7 +60,7 @@ def parse_peppers(text: str) -> Peppers:
 
 def load_peppers(env_name: str, file: str | None, state_dir: str | None) -> Peppers:
     """From the env var, else the configured file, else (embedded Redis) the state directory."""
-    value = os.environ.get(env_name)
+    value = env.secret(env_name)
     if value:
         return parse_peppers(value)
     if file:

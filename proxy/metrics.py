@@ -95,6 +95,18 @@ COST = Counter(
     "Metered cost in USD, by program and product.",
     ["program", "product"],
 )
+WEBSOCKET_SESSIONS = Gauge(
+    "access_proxy_websocket_sessions",
+    "WebSocket sessions open now, by product.",
+    ["product"],
+    multiprocess_mode="livesum",
+)
+WEBSOCKET_CLOSED = Counter(
+    "access_proxy_websocket_closed_total",
+    "WebSocket sessions ended, by product and reason: client, upstream, upstream_error, "
+    "shutdown, or the SPEC §3.4 code that ended access.",
+    ["product", "reason"],
+)
 
 
 def track_inflight(read: Callable[[], float], multiprocess: bool) -> Callable[[], None] | None:

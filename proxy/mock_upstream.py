@@ -22,6 +22,9 @@ through ``x-mock-*`` request headers, so a test can steer it through the proxy:
 ``x-mock-reply``                the assistant's text
 ==============================  ===========================================================
 
+``GET /v1/realtime?model=...`` is a WebSocket that answers like the Realtime API (see
+``proxy.mock_realtime``); its sessions are listed at ``GET /_mock/realtime``.
+
 Every request is recorded (bounded) and readable in-process (``MockUpstream.requests``) or at
 ``GET /_mock/requests``; a client that goes away while the server waits for its first byte or
 streams is noticed (the handler is cancelled, or a write fails) and recorded per ``x-request-id``
@@ -46,6 +49,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from aiohttp import web
+
+from proxy.mock_realtime import Realtime
 
 DEFAULT_MODELS: Final = (
     "gpt-5.6-sol",
@@ -433,6 +438,7 @@ class MockUpstream:
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
         self._port = 0
+        self.realtime = Realtime(max_recorded)
         self.app = self._make_app()
 
     # lifecycle
@@ -554,6 +560,7 @@ class MockUpstream:
         app.router.add_delete("/_mock/requests", self._delete_requests)
         app.router.add_get("/_mock/disconnects", self._get_disconnects)
         app.router.add_delete("/_mock/disconnects", self._delete_disconnects)
+        self.realtime.install(app)  # GET /v1/realtime (WebSocket), /_mock/realtime
         app.router.add_route("*", "/{tail:.*}", self._guarded(self._unknown_route))
         return app
 

@@ -1,7 +1,7 @@
 """Hot config reload (SPEC §8): one path for every trigger — ``SIGHUP``, the admin call, a change
 of the file on disk, and a reload announced by another worker over Redis.
 
-A reload reads the file, validates all of it, keeps the settings that need a restart (listen
+A reload reads the file, validates all of it, keeps the settings declared restart-only (listen
 addresses, Redis URL, state directory) from the running config, and swaps the new snapshot in with
 one assignment; requests in flight keep the snapshot they started with. An invalid file changes
 nothing: every error is logged with its location and counted, and the old snapshot keeps serving.
@@ -72,19 +72,6 @@ class ReloadResult:
             "restart_required": list(self.restart_required),
             "peers": {"asked": self.peers_asked, "confirmed": self.peers_confirmed},
         }
-
-
-def keep_restart_only(running: Config, new: Config) -> Config:
-    """``new`` with the settings that cannot change without a restart taken from ``running``."""
-    return dataclasses.replace(
-        new,
-        listen=running.listen,
-        admin=dataclasses.replace(new.admin, listen=running.admin.listen),
-        redis=dataclasses.replace(new.redis, url=running.redis.url),
-        state_dir=running.state_dir,
-        cache=dataclasses.replace(new.cache, max_entries=running.cache.max_entries),
-        keys=running.keys,
-    )
 
 
 def show_version(old: str | None, new: str) -> None:
@@ -185,7 +172,7 @@ class Reloader:
                     log.info("config reload (%s): unchanged, version %s", trigger, new.version)
                 self.last_result = result
                 return result
-            active = keep_restart_only(running, new)
+            active = config.keep_restart_only(running, new)
             try:
                 self.holder.swap(active)
             except Exception as exc:  # a snapshot that cannot be built is a rejected file

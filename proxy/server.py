@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 import subprocess
@@ -26,19 +25,20 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy import config as config_mod
-from proxy import identity, metrics
+from proxy import env, identity, metrics
 from proxy.admin.api import AdminContext, admin_app
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
 from proxy.dataplane.app import DataPlane, DataServer, Hooks
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
+from proxy.dataplane.websocket import Sessions
 from proxy.metering import Meter
 from proxy.redis_server import RedisServer
 from proxy.reload import Reloader
 from proxy.snapshot import Holder
 from proxy.store.cache import FactCache
-from proxy.store.connection import Breaker, Gate
+from proxy.store.connection import Gate
 from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
 from proxy.store.migrate import migrate_when_reachable
@@ -49,21 +49,13 @@ from proxy.store.writes import Writes
 
 log = logging.getLogger("access_proxy")
 
-ENV_REDIS_URL = "REDIS_URL"
-ENV_WORKER = "ACCESS_PROXY_WORKER"
-ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def redis_url_for(cfg: Config) -> str:
-    return os.environ.get(ENV_REDIS_URL) or cfg.redis.url
-
 
 def embedded_redis(cfg: Config) -> RedisServer:
     return RedisServer(Path(cfg.state_dir) / "redis", persistent=True)
 
 
 def metrics_payload() -> bytes:
-    if os.environ.get(ENV_MULTIPROC):
+    if env.multiproc_dir():
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
@@ -100,10 +92,7 @@ class Proxy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.migration), 2.0)
         self.cache: FactCache[Any] = FactCache(cfg.cache.max_entries)
-        self.gate = Gate(
-            cfg.redis.timeout_ms / 1000,
-            Breaker(cfg.redis.breaker_failures, cfg.redis.breaker_reset_s),
-        )
+        self.gate = Gate.of(cfg.redis)
         self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
         self.writes = Writes(self.admin_redis)
         self.subscriber = Subscriber(self.sub_redis, self.cache)
@@ -121,24 +110,30 @@ class Proxy:
             lambda: self.holder.current.config.version,
         )
         self.flags.start()
+        self.session = make_session()
+        # Open WebSocket sessions are decided again on every eviction and config swap.
+        self.sessions = Sessions(self.holder, self.entitlements, self.session)
+        self.subscriber.listeners.append(self.sessions.facts_evicted)
+        self.sessions.start()
         self.reloader: Reloader | None = None
         if self.config_path is not None:
             self.reloader = Reloader(
                 self.holder, self.config_path, redis=self.sub_redis, on_swap=self._config_swapped
             )
             await self.reloader.start()
-        self.session = make_session()
         admitter = Admitter(self.session, self.limiter)
-        hooks = Hooks(admit=admitter.admit, on_upstream_headers=self.flags.on_upstream_headers)
+        hooks = Hooks(
+            admit=admitter.admit,
+            on_upstream_headers=self.flags.on_upstream_headers,
+            websocket=self.sessions,
+        )
         self.meter = Meter(UsageStore(self.data_redis))
         self.meter.start()
         self.dataplane = DataPlane(
             self.holder, self.entitlements, self.peppers, self.session, hooks, self.meter
         )
         dataplane = self.dataplane
-        copy = metrics.track_inflight(
-            lambda: dataplane.inflight, bool(os.environ.get(ENV_MULTIPROC))
-        )
+        copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)
         self.inflight_task = asyncio.create_task(_every(1.0, copy)) if copy else None
 
         # No access log on the data listener: no per-request logging on the hot path.
@@ -173,9 +168,8 @@ class Proxy:
 
     def _config_swapped(self, old: Config, new: Config) -> None:
         """Apply what lives outside the snapshot: the Redis deadline and breaker settings."""
-        self.gate.timeout_s = new.redis.timeout_ms / 1000
-        self.gate.breaker.failures = new.redis.breaker_failures
-        self.gate.breaker.reset_s = new.redis.breaker_reset_s
+        self.gate.configure(new.redis)
+        self.sessions.config_swapped()
         log.info("config %s -> %s", old.version, new.version)
 
     async def _reload(self) -> dict[str, Any]:
@@ -220,6 +214,7 @@ class Proxy:
     async def stop(self) -> None:
         """Turn /readyz to 503, stop accepting, drain in-flight requests (up to the grace)."""
         self.draining = True
+        await self.sessions.stop()  # a session may last hours: it is ended, not drained
         await self.data_runner.cleanup()
         if self.inflight_task is not None:
             self.inflight_task.cancel()
@@ -255,7 +250,7 @@ async def build_proxy(
     config_path: str | None = None,
 ) -> Proxy:
     """Wire a Proxy for ``cfg``, starting the embedded Redis when the URL says so."""
-    url = redis_url or redis_url_for(cfg)
+    url = redis_url or config_mod.redis_url(cfg)
     embedded: RedisServer | None = None
     if url == "embedded":
         embedded = embedded_redis(cfg)
@@ -264,7 +259,7 @@ async def build_proxy(
     peppers = identity.load_peppers(
         cfg.keys.pepper_env,
         cfg.keys.pepper_file,
-        cfg.state_dir if (embedded is not None or os.environ.get(ENV_WORKER)) else None,
+        cfg.state_dir if (embedded is not None or env.is_worker()) else None,
     )
     return Proxy(
         Holder(cfg),
@@ -307,17 +302,14 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
 def supervise(cfg: Config, config_path: str, workers: int) -> int:
     """Run ``workers`` serve processes on shared ports; forward signals; stop Redis last."""
     redis: RedisServer | None = None
-    env = dict(os.environ)
-    url = redis_url_for(cfg)
+    url = config_mod.redis_url(cfg)
     if url == "embedded":
         redis = embedded_redis(cfg)
         redis.start_sync()
-        env[ENV_REDIS_URL] = redis.url
     peppers_dir = cfg.state_dir
     identity.load_peppers(cfg.keys.pepper_env, cfg.keys.pepper_file, peppers_dir)
     multiproc = tempfile.mkdtemp(prefix="access-proxy-metrics-")
-    env[ENV_MULTIPROC] = multiproc
-    env[ENV_WORKER] = "1"
+    worker_env = env.worker_environment(redis.url if redis is not None else None, multiproc)
     cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", config_path, "--workers", "1"]
     procs: list[subprocess.Popen[bytes]] = []
     stop_signals: list[int] = []
@@ -334,7 +326,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for _ in range(workers):
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=worker_env))
     if stop_signals:
         forward(stop_signals[0], None)
     code = 0
@@ -363,7 +355,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("ACCESS_PROXY_LOG_LEVEL", "INFO"),
+        level=env.log_level(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
 
@@ -376,6 +368,6 @@ def run_serve(config_path: str | None, workers: int) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     path = cfg.source
-    if workers > 1 and not os.environ.get(ENV_WORKER):
+    if workers > 1 and not env.is_worker():
         return supervise(cfg, path, workers)
-    return asyncio.run(serve(cfg, worker=bool(os.environ.get(ENV_WORKER))))
+    return asyncio.run(serve(cfg, worker=env.is_worker()))

@@ -7,13 +7,13 @@ no lock sits on the hot path.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from yarl import URL
 
+from proxy import env
 from proxy.config import Config
 
 
@@ -31,10 +31,7 @@ class Snapshot:
             config=cfg,
             upstream_urls=MappingProxyType({n: URL(u.url) for n, u in cfg.upstreams.items()}),
             upstream_keys=MappingProxyType(
-                {
-                    n: (os.environ.get(u.api_key_env) or None) if u.api_key_env else None
-                    for n, u in cfg.upstreams.items()
-                }
+                {n: env.secret(u.api_key_env) for n, u in cfg.upstreams.items()}
             ),
             strip_response_headers=frozenset({cfg.misuse.upstream_flag_header}),
             host_routes=any(r.host is not None for r in cfg.routes),

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy import env
 from proxy.admin.client import DEFAULT_URL, TOKEN_ENV, URL_ENV, AdminClient, AdminError, seg
 
 AUDIT_PAGE = 1000
@@ -491,8 +491,8 @@ def add_admin_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_admin(args: argparse.Namespace) -> int:
-    url = args.url or os.environ.get(URL_ENV) or DEFAULT_URL
-    token = args.token or os.environ.get(TOKEN_ENV)
+    url = args.url or env.get(URL_ENV) or DEFAULT_URL
+    token = args.token or env.get(TOKEN_ENV)
     if not token:
         print(f"error: no admin token: pass --token or set {TOKEN_ENV}", file=sys.stderr)
         return 2

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from proxy import env
+
 PREFIX = "/admin/v1"
 DEFAULT_URL = "http://127.0.0.1:9090"
-URL_ENV = "ACCESS_PROXY_ADMIN_URL"
-TOKEN_ENV = "ACCESS_PROXY_ADMIN_TOKEN"
+URL_ENV = env.ADMIN_URL
+TOKEN_ENV = env.ADMIN_TOKEN
 
 
 class AdminError(Exception):

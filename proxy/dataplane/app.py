@@ -15,12 +15,12 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import identity, metrics
 from proxy.dataplane import headers as hdrs
@@ -61,12 +61,35 @@ class Admission:
 ADMITTED = Admission()
 
 
+class WebSocketHook(Protocol):
+    """What the handler needs for a WebSocket upgrade (``proxy.dataplane.websocket``)."""
+
+    def model_of(self, request: web.BaseRequest) -> str | None: ...
+
+    async def relay(
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        upstream_name: str,
+        url_path: str,
+        out_headers: CIMultiDict[str],
+        workspace_id: str,
+        org_id: str,
+        model: str,
+        product: str,
+        rid: str,
+        count: Callable[[str], None],
+    ) -> web.StreamResponse: ...
+
+
 @dataclass(slots=True)
 class Hooks:
-    """Steps other rooms plug in around forwarding (rate limits, classifier, misuse flags)."""
+    """Steps other rooms plug in around forwarding (rate limits, classifier, misuse flags,
+    WebSocket sessions)."""
 
     admit: Callable[[Snapshot, Facts, Decision, bytes, str], Awaitable[Admission]] | None = None
     on_upstream_headers: Callable[[Snapshot, Facts, CIMultiDictProxy[str]], None] | None = None
+    websocket: WebSocketHook | None = None
 
 
 def deny_response(
@@ -97,7 +120,10 @@ def presented_key(request: web.BaseRequest) -> str | None:
     if auth is not None:
         scheme, _, value = auth.partition(" ")
         return value.strip() if scheme.lower() == "bearer" and value.strip() else None
-    return request.headers.get("api-key")
+    key = request.headers.get("api-key")
+    if key is None and "sec-websocket-protocol" in request.headers:
+        return hdrs.subprotocol_key(request.headers)
+    return key
 
 
 async def read_body(request: web.BaseRequest, limit: int) -> bytes:
@@ -182,9 +208,13 @@ class DataPlane:
         started = time.perf_counter()
         self.inflight += 1
         try:
-            return await self._handle(request, started)
+            response = await self._handle(request, started)
         finally:
             self.inflight -= 1
+        if "upgrade" in request.headers and not isinstance(response, web.WebSocketResponse):
+            # What follows an upgrade request on this connection is no longer HTTP to parse.
+            response.force_close()
+        return response
 
     async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
         snap = self.holder.current
@@ -219,12 +249,16 @@ class DataPlane:
         if route.rewrite_prefix is not None:
             upstream_path = route.rewrite_prefix + path[len(route.path_prefix) :]
 
+        websocket = self.hooks.websocket if hdrs.is_websocket_upgrade(request) else None
         body = b""
         model: str | None = None
         body_error: BodyError | None = None
         try:
             body = await read_body(request, cfg.limits.max_body_bytes)
-            model = model_of(request.method, upstream_path, body, request.content_type)
+            if websocket is not None:
+                model = websocket.model_of(request)
+            else:
+                model = model_of(request.method, upstream_path, body, request.content_type)
         except BodyError as exc:
             body_error = exc
 
@@ -263,6 +297,20 @@ class DataPlane:
             if admission.headers:
                 response_headers.update(admission.headers)
         try:
+            if websocket is not None:
+                return await self._relay_websocket(
+                    websocket,
+                    request,
+                    snap,
+                    route.upstream,
+                    upstream_path,
+                    rid,
+                    facts,
+                    model,
+                    product,
+                    program,
+                    started,
+                )
             return await self._forward(
                 request,
                 snap,
@@ -304,6 +352,45 @@ class DataPlane:
                 self._verified.clear()
             self._verified[key_id] = hash(key)
         return await self.entitlements.facts_for(rec.workspace_id, cfg.cache)
+
+    async def _relay_websocket(
+        self,
+        websocket: WebSocketHook,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        upstream_name: str,
+        upstream_path: str,
+        rid: str,
+        facts: Facts,
+        model: str | None,
+        product: str,
+        program: str,
+        started: float,
+    ) -> web.StreamResponse:
+        """An allowed upgrade: the session runs (holding its slot) until either side closes."""
+        assert model is not None  # model_of refuses an upgrade that names none
+        query = request.rel_url.raw_query_string
+        out_headers = hdrs.upstream_request_headers(
+            request.headers,
+            peer=request.remote,
+            trusted_proxies=snap.config.trusted_proxies,
+            upstream_api_key=snap.upstream_keys.get(upstream_name),
+            request_id=rid,
+            host=request.host,
+        )
+        return await websocket.relay(
+            request,
+            snap,
+            upstream_name,
+            upstream_path + ("?" + query if query else ""),
+            out_headers,
+            facts.workspace.workspace_id,
+            facts.workspace.org_id,
+            model,
+            product,
+            rid,
+            lambda code: self._count(product, program, code, started),
+        )
 
     async def _forward(
         self,

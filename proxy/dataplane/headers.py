@@ -66,6 +66,28 @@ _RESPONSE_DROP: frozenset[str] = HOP_BY_HOP
 
 TrustedProxies = tuple[IPv4Network | IPv6Network, ...]
 
+# Browsers cannot set headers on a WebSocket: the Realtime API's clients pass the key as a
+# subprotocol ``openai-insecure-api-key.<key>``. It identifies the caller and never goes upstream.
+SUBPROTOCOL_KEY_PREFIX = "openai-insecure-api-key."
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    """Whether the request asks to become a WebSocket (``Upgrade: websocket`` on a GET)."""
+    upgrade = request.headers.get("upgrade")
+    if upgrade is None:
+        return False
+    return any(token.strip().lower() == "websocket" for token in upgrade.split(","))
+
+
+def subprotocol_key(headers: CIMultiDictProxy[str]) -> str | None:
+    """The key a WebSocket client offered as a subprotocol, if any."""
+    for value in headers.getall("sec-websocket-protocol", []):
+        for proto in value.split(","):
+            proto = proto.strip()
+            if proto.lower().startswith(SUBPROTOCOL_KEY_PREFIX):
+                return proto[len(SUBPROTOCOL_KEY_PREFIX) :] or None
+    return None
+
 
 def connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """Header names listed in every ``Connection`` header, lowercased."""

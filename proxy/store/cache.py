@@ -8,6 +8,12 @@ round trip. An older one is re-read; if Redis cannot answer, an entry younger th
 Invalidation evicts an entry and bumps a generation counter; a load that started before an
 invalidation may answer its own waiters but is not stored, so a revoked key cannot be re-cached
 from a read that raced the revocation.
+
+``revalidate_all`` (run when the invalidation subscription comes back, since publications made
+while it was away are lost) makes every held entry stale at once instead of dropping it: the next
+lookup of each re-reads Redis, and while Redis cannot answer yet (a circuit breaker still open
+after an outage) the entry keeps answering within the stale window. Recovery so refuses nothing
+that the outage served, and a change made while cut off is read on the first lookup after.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class FactCache(Generic[V]):
         self._entries: LRUCache[str, tuple[Any, float]] = LRUCache(maxsize=max_entries)
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self.generation = 0
+        self._valid_from = float("-inf")  # entries read before this are stale, whatever their age
         self._hit = metrics.CACHE_LOOKUPS.labels("hit")
         self._miss = metrics.CACHE_LOOKUPS.labels("miss")
         self._stale = metrics.CACHE_LOOKUPS.labels("stale")
@@ -45,7 +52,7 @@ class FactCache(Generic[V]):
     def fresh(self, key: str, ttl: float) -> Any:
         """The cached value if younger than ``ttl``, else the ``MISSING`` sentinel. No await."""
         entry = self._entries.get(key)
-        if entry is not None and time.monotonic() - entry[1] < ttl:
+        if entry is not None and time.monotonic() - entry[1] < ttl and entry[1] >= self._valid_from:
             self._hit.inc()
             return entry[0]
         return _MISSING
@@ -99,6 +106,13 @@ class FactCache(Generic[V]):
         self._inflight.pop(key, None)
         if self._entries.pop(key, None) is not None:
             metrics.CACHE_INVALIDATIONS.inc()
+
+    def revalidate_all(self) -> None:
+        """Make every entry stale: re-read on its next lookup, still a fallback if Redis fails."""
+        self.generation += 1
+        self._inflight.clear()
+        self._valid_from = time.monotonic()
+        metrics.CACHE_INVALIDATIONS.inc()
 
     def clear(self) -> None:
         self.generation += 1

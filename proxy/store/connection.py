@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy import metrics
+from proxy.config import RedisConfig
 
 T = TypeVar("T")
 
@@ -77,6 +78,18 @@ class Gate:
     def __init__(self, timeout_s: float, breaker: Breaker) -> None:
         self.timeout_s = timeout_s
         self.breaker = breaker
+
+    @classmethod
+    def of(cls, settings: RedisConfig) -> Gate:
+        gate = cls(0.0, Breaker(0, 0.0))
+        gate.configure(settings)
+        return gate
+
+    def configure(self, settings: RedisConfig) -> None:
+        """Take the deadline and breaker settings of ``redis`` (at start and on every reload)."""
+        self.timeout_s = settings.timeout_ms / 1000
+        self.breaker.failures = settings.breaker_failures
+        self.breaker.reset_s = settings.breaker_reset_s
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():

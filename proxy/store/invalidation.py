@@ -1,12 +1,17 @@
 """Cache invalidation across replicas (SPEC §5): every change publishes the cache keys it
-touched; every replica subscribes and evicts them. A replica that (re)subscribes drops its whole
-cache first, because messages published while it was away are lost to it."""
+touched; every replica subscribes and evicts them. A replica that (re)subscribes makes its whole
+cache stale first, because messages published while it was away are lost to it: every entry is
+re-read on its next lookup, and still answers (within the stale window) while Redis cannot.
+
+Listeners (open WebSocket sessions) hear every eviction after it happened: the keys evicted, or
+``None`` when the whole cache was dropped."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
 
@@ -31,6 +36,7 @@ class Subscriber:
         self.cache = cache
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.listeners: list[Callable[[Iterable[str] | None], None]] = []
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="invalidation-subscriber")
@@ -43,18 +49,33 @@ class Subscriber:
 
     def apply(self, message: bytes | str) -> None:
         text = message.decode() if isinstance(message, bytes) else message
-        for key in text.split("\n"):
+        keys = text.split("\n")
+        for key in keys:
             if key == FLUSH_ALL:
                 self.cache.clear()
             else:
                 self.cache.invalidate(key)
+        self._tell(None if FLUSH_ALL in keys else keys)
+
+    def _flush(self) -> None:
+        # Publications made while unsubscribed are lost: re-read every entry on its next lookup,
+        # keeping it as the fallback while Redis cannot answer yet (a failover still settling).
+        self.cache.revalidate_all()
+        self._tell(None)
+
+    def _tell(self, keys: Iterable[str] | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(keys)
+            except Exception:
+                log.exception("invalidation listener failed")
 
     async def _run(self) -> None:
         # Anything published while not subscribed is lost: start from nothing on each subscribe.
         await subscribe_forever(
             self.redis,
             INVALIDATION_CHANNEL,
-            on_subscribed=self.cache.clear,
+            on_subscribed=self._flush,
             on_message=self.apply,
             connected=self.connected,
             what="invalidation",

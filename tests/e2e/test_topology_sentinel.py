@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio
 
 from proxy.store.topology import Topology
-from tests.e2e.conftest import Seeder, ServeProcess, Stack
+from tests.e2e.conftest import Seeder, Stack
 from tests.e2e.test_dataplane_e2e import (  # noqa: F401  (collected here, on this topology)
     test_grant_states,
     test_missing_malformed_unknown_and_revoked_keys,
@@ -74,10 +74,9 @@ async def test_failover_under_load(
 ) -> None:
     a = stack.start_serve("failover-a", overrides=LIMITS)
     b = stack.start_serve("failover-b", overrides=LIMITS)
-    pair: tuple[ServeProcess, ServeProcess] = (a, b)
     try:
         await failover_under_load(
-            topology, topology.master_port(), pair, seed, http, on_victim=lambda slot: True
+            topology, topology.master_port(), (a, b), seed, http, on_victim=lambda slot: True
         )
     finally:
         assert a.stop() == 0, a.log()

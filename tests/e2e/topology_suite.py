@@ -123,7 +123,7 @@ async def failover_under_load(
     on_victim: Callable[[int], bool],
 ) -> dict[str, float]:
     a, b = pair
-    known = {a.data_url: await tenant_in(seed, on_victim), b.data_url: await tenant_in(seed, on_victim)}
+    known = {p.data_url: await tenant_in(seed, on_victim) for p in pair}
     revoked = await seed.tenant()
     await seed.revoke_key(revoked.key_id)
     unknown_key = new_key()[1]
@@ -140,12 +140,14 @@ async def failover_under_load(
     stop = asyncio.Event()
 
     async def load(proxy: ServeProcess) -> None:
-        keys = (("known", known[proxy.data_url].key), ("unknown", unknown_key), ("revoked", revoked.key))
+        mine = known[proxy.data_url].key
+        keys = (("known", mine), ("unknown", unknown_key), ("revoked", revoked.key))
         while not stop.is_set():
             for kind, key in keys:
                 answer = await request(http, proxy.data_url, key=key, model=MODEL)
                 limit = answer.headers.get("x-ratelimit-limit-requests")
-                outcomes.append(Outcome(time.monotonic(), proxy.data_url, kind, answer.status, limit))
+                now = time.monotonic()
+                outcomes.append(Outcome(now, proxy.data_url, kind, answer.status, limit))
             await asyncio.sleep(0.01)  # pacing: stay well under the local share of the rate
 
     loads = [asyncio.create_task(load(p)) for p in pair]
@@ -159,7 +161,9 @@ async def failover_under_load(
         def exact_again() -> bool:
             return all(
                 any(
-                    o.replica == p.data_url and o.kind == "known" and o.at > promoted_at
+                    o.replica == p.data_url
+                    and o.kind == "known"
+                    and o.at > promoted_at
                     and o.limit == str(RPM)
                     for o in outcomes
                 )

@@ -28,7 +28,7 @@ from tests.conftest import free_port, wait_until
 
 ACTOR = Actor("test-operator", "test")
 LONG = CacheConfig(
-    ttl_seconds=60, stale_if_error_seconds=300, max_entries=1000, propagation_target_ms=100
+    ttl_seconds=60, stale_if_error_seconds=300, max_entries=1000
 )
 
 
@@ -164,7 +164,7 @@ async def test_the_ttl_bounds_staleness_of_a_change_that_was_not_published(
 ) -> None:
     await seed(redis_url)
     ttl = 0.3
-    cc = CacheConfig(ttl, 300, 1000, 100)
+    cc = CacheConfig(ttl, 300, 1000)
     loaded_from = time.monotonic()
     facts = await replica.entitlements.facts_for("ws1", cc)
     assert facts is not None and not facts.workspace.suspended
@@ -234,11 +234,11 @@ async def test_stale_if_error_serves_known_facts_and_fails_closed_for_the_rest(
     replica = Replica(private_redis.url)
     ent = replica.entitlements
     short = CacheConfig(
-        ttl_seconds=0.05, stale_if_error_seconds=0.5, max_entries=1000, propagation_target_ms=100
+        ttl_seconds=0.05, stale_if_error_seconds=0.5, max_entries=1000
     )
     # The same entries, judged with a stale window far longer than this test can take.
     patient = CacheConfig(
-        ttl_seconds=0.05, stale_if_error_seconds=300, max_entries=1000, propagation_target_ms=100
+        ttl_seconds=0.05, stale_if_error_seconds=300, max_entries=1000
     )
     try:
         load_started = time.monotonic()
@@ -305,7 +305,7 @@ async def test_a_redis_restart_fails_no_lookup(private_redis: RedisServer) -> No
     replica = Replica(private_redis.url, failures=1)
     # No stale window: a failed read cannot hide behind an old entry.
     cc = CacheConfig(
-        ttl_seconds=0.05, stale_if_error_seconds=0, max_entries=1000, propagation_target_ms=100
+        ttl_seconds=0.05, stale_if_error_seconds=0, max_entries=1000
     )
     ops = ("workspace", "org", "grants", "standing")
     try:

@@ -109,7 +109,7 @@ def test_defaults_fill_every_optional_key() -> None:
     assert cfg.unlisted_models == "allow"
     assert cfg.trusted_proxies == ()
     assert cfg.limits.max_body_bytes == 10 * 1024 * 1024
-    assert cfg.cache == config.CacheConfig(5.0, 300.0, 100_000, 100)
+    assert cfg.cache == config.CacheConfig(5.0, 300.0, 100_000)
     assert cfg.misuse.window_seconds == 604800
     assert cfg.misuse.upstream_flag_header == "x-safety-flag"
     assert cfg.misuse.classifier == config.ClassifierConfig(None, 100, "closed")
@@ -442,3 +442,21 @@ def test_wrong_type_is_located_at_its_key(key: str, value: Any) -> None:
     with pytest.raises(ConfigError) as caught:
         config.parse(text, "f.yaml")
     assert [(i.path, i.line) for i in caught.value.issues] == [(key, 12)]
+
+
+def test_redis_url_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config.load(CONFIGS / "minimal.yaml")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert config.redis_url(cfg) == "embedded"
+    monkeypatch.setenv("REDIS_URL", "redis://10.1.2.3:6379/0")
+    assert config.redis_url(cfg) == "redis://10.1.2.3:6379/0"
+    assert cfg.redis.url == "embedded"  # the snapshot itself says what the file says
+
+
+def test_a_setting_of_an_unreadable_type_is_refused_at_declaration() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Odd:
+        when: complex = config.setting(1j)
+
+    with pytest.raises(TypeError, match="no reader"):
+        config.declared(Odd)

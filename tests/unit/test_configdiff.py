@@ -373,3 +373,85 @@ def test_diff_command_as_a_subprocess(tmp_path: Path) -> None:
     broken = run_diff(SHIPPED, CONFIGS / "several_problems.yaml")
     assert broken.returncode == 1
     assert len(broken.stdout.splitlines()) == 9
+
+
+# --------------------------------------------------------------------------- from the declarations
+
+
+def _leaves(cls: type, path: str = "") -> list[tuple[str, config.Declared]]:
+    """Every number or boolean a section declares, with its path (lists and maps aside)."""
+    out: list[tuple[str, config.Declared]] = []
+    for d in config.declared(cls):
+        sub = f"{path}.{d.name}" if path else d.name
+        if isinstance(d.kind, type):
+            out += _leaves(d.kind, sub)
+        elif isinstance(d.kind, tuple) and d.kind[0] in (int, float, bool):
+            out.append((sub, d))
+    return out
+
+
+LEAVES = _leaves(config.Config)
+
+
+def test_the_declarations_cover_the_known_settings() -> None:
+    paths = {p for p, _ in LEAVES}
+    assert {"redis.breaker_reset_s", "cache.max_entries", "rate_limits.enabled"} <= paths
+    assert "listen.port" in paths and "misuse.classifier.timeout_ms" in paths
+
+
+@pytest.mark.parametrize(("path", "declared"), LEAVES, ids=[p for p, _ in LEAVES])
+def test_every_declared_setting_shows_in_the_diff_by_its_declaration(
+    path: str, declared: config.Declared
+) -> None:
+    """A setting added to a section needs no line in the diff: a change to any declared number
+    or boolean is one change at its path, flagged for restart exactly when declared so."""
+    old_cfg = config.load(SHIPPED)
+    current: Any = old_cfg
+    for part in path.split("."):
+        current = getattr(current, part)
+    if isinstance(current, bool):
+        value: Any = not current
+    elif path == "pricing.cached_input_discount":
+        value = current / 2
+    else:
+        value = current + 1
+    new = copy.deepcopy(BASE)
+    target = new
+    *parents, leaf = path.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+    changes = configdiff.diff(old_cfg, config.parse(yaml.safe_dump(new)))
+    restart = path in config.RESTART_ONLY or path.rpartition(".")[0] in config.RESTART_ONLY
+    shown = path if not restart or path in config.RESTART_ONLY else path.rpartition(".")[0]
+    assert [(c.path, c.restart_required) for c in changes] == [(shown, restart)]
+
+
+def test_restart_only_is_what_the_declarations_say() -> None:
+    assert set(config.RESTART_ONLY) == {
+        "listen",
+        "admin.listen",
+        "redis.url",
+        "keys.pepper_env",
+        "keys.pepper_file",
+        "cache.max_entries",
+        "state_dir",
+    }
+
+
+def test_a_reload_keeps_every_restart_only_setting() -> None:
+    running = config.load(SHIPPED)
+    new = copy.deepcopy(BASE)
+    new["listen"] = {"host": "127.0.0.2", "port": 1}
+    new["admin"]["listen"] = {"host": "127.0.0.3", "port": 2}
+    new["redis"]["url"] = "redis://10.0.0.1:6379/0"
+    new["keys"] = {"pepper_env": "OTHER_PEPPER", "pepper_file": "/run/pepper"}
+    new["cache"]["max_entries"] = 7
+    new["state_dir"] = "/elsewhere"
+    new["cache"]["ttl_seconds"] = 1
+    new_cfg = config.parse(yaml.safe_dump(new))
+    kept = config.keep_restart_only(running, new_cfg)
+    assert configdiff.diff(running, kept) == [Change("cache", "cache.ttl_seconds", "5", "1", False)]
+    assert len([c for c in configdiff.diff(running, new_cfg) if c.restart_required]) == len(
+        config.RESTART_ONLY
+    )

@@ -1,0 +1,535 @@
+"""WebSocket sessions: the Realtime API (SPEC §3.3, §3.4, §3.5).
+
+An upgrade is decided by the handler like any request (route, key, facts, ``decide()``, rate
+limit and concurrency slot), with the model read from the query string by
+:meth:`Sessions.model_of`; a refusal is answered before the upgrade with the same status and body.
+An allowed upgrade comes here: the proxy opens its own WebSocket to the upstream (same header and
+credential rules as HTTP forwarding), then upgrades the client and relays every message both
+ways, pings, pongs and close codes included, until either side closes. The session holds its
+concurrency slot until then.
+
+While a session is open its access is decided again, with the same ``decide()``:
+
+- on every client event that names a model (``session.model``, ``response.model``) before it is
+  forwarded;
+- when the invalidation signal evicts a cached fact the session stands on (its key, workspace,
+  org, grants or standing), so a revocation or suspension ends it within the propagation target;
+- when the config snapshot is swapped (a phase flipped to ``closed``);
+- every ``cache.ttl_seconds / 5`` (at most every second) with facts read no longer than the
+  TTL ago, so a lost invalidation message or a grant's ``expires_at`` still ends it in time.
+
+A session whose access ended gets an ``error`` event carrying the §3.4 code, then close 1008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy import identity, metrics
+from proxy.config import CacheConfig
+from proxy.dataplane import headers as hdrs
+from proxy.dataplane.app import BodyError, deny_response, presented_key
+from proxy.errors import error_payload
+from proxy.policy import RequestInfo, decide
+from proxy.snapshot import Holder, Snapshot
+from proxy.store import schema
+from proxy.store.cache import EntitlementUnavailable
+from proxy.store.entitlements import Entitlements
+
+log = logging.getLogger(__name__)
+
+POLICY_CLOSE = 1008  # RFC 6455: policy violation
+TRY_AGAIN_CLOSE = 1013  # RFC 6455: try again later (facts unavailable)
+_MAX_SWEEP_S = 1.0
+_CLOSE_TIMEOUT_S = 5.0
+# Close codes that name a state, not a code a peer may send (RFC 6455 §7.4.1).
+_UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
+_QUERY_SPLITS = (re.compile("&"), re.compile("[&;]"))
+_SUBPROTOCOL_KEY = hdrs.SUBPROTOCOL_KEY_PREFIX
+
+
+# ---------------------------------------------------------------------------- reading models
+
+
+def query_model(raw_query: str) -> str | None:
+    """The model a query string names, read as leniently as any upstream might.
+
+    A key names the model when, percent-decoded and trimmed, it is ``model`` in any case; pairs
+    are split on ``&`` and, as some servers do, on ``;`` too. Every name found must be the same
+    (trimmed, lower-cased) or the request is refused: two readers must never see two models.
+    """
+    names: set[str] = set()
+    for splitter in _QUERY_SPLITS:
+        for part in splitter.split(raw_query):
+            key, _, value = part.partition("=")
+            if unquote_plus(key).strip().lower() == "model":
+                names.add(unquote_plus(value).strip().lower())
+    if len(names) > 1:
+        raise BodyError("invalid_request", "The query string names more than one model.")
+    name = names.pop() if names else ""
+    return name or None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _DuplicateKey("duplicate key")
+    return out
+
+
+def event_models(data: str | bytes, *, binary: bool) -> tuple[str, ...] | None:
+    """The models a client event names (``session.model``, ``response.model``), trimmed and
+    lower-cased; ``None`` for a binary frame that is not JSON (relayed as it is).
+
+    Raises :class:`BodyError` for a text frame that is not a JSON object, for duplicate keys
+    anywhere in an event, and for a ``model`` that is not a non-empty string.
+    """
+    try:
+        doc = json.loads(data, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey:
+        raise BodyError("invalid_request", "The event has duplicate keys.") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        if binary:
+            return None
+        raise BodyError("invalid_request", "The event is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        if binary:
+            return None
+        raise BodyError("invalid_request", "The event is not a JSON object.")
+    models: list[str] = []
+    for part in ("session", "response"):
+        holder = doc.get(part)
+        if isinstance(holder, dict) and "model" in holder:
+            model = holder["model"]
+            if not isinstance(model, str) or not model.strip():
+                raise BodyError("invalid_request", f"{part}.model must name a model.")
+            models.append(model.strip().lower())
+    return tuple(models)
+
+
+def error_event(code: str, message: str | None = None, event_id: Any = None) -> str:
+    """A Realtime API ``error`` event in the OpenAI error shape."""
+    error = error_payload(code, message)["error"]
+    error["event_id"] = event_id if isinstance(event_id, str) else None
+    return json.dumps({"type": "error", "error": error})
+
+
+def _sendable(code: int | None) -> int:
+    if code is None:
+        return 1000
+    return _UNSENDABLE.get(code, code)
+
+
+def _upstream_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """The HTTP forwarding headers less the client's handshake: the client library makes its
+    own (key, version, extensions) and the subprotocols are passed on separately."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if not name.lower().startswith("sec-websocket-"):
+            out.add(name, value)
+    return out
+
+
+def offered_protocols(request: web.BaseRequest) -> list[str]:
+    """The client's subprotocols, less any that carries a key: that never goes upstream."""
+    out: list[str] = []
+    for value in request.headers.getall("sec-websocket-protocol", []):
+        for proto in value.split(","):
+            proto = proto.strip()
+            if proto and not proto.lower().startswith(_SUBPROTOCOL_KEY):
+                out.append(proto)
+    return out
+
+
+# ---------------------------------------------------------------------------- one session
+
+
+@dataclass(eq=False)
+class Session:
+    key_id: str
+    workspace_id: str
+    org_id: str
+    product: str
+    model: str
+    client: web.WebSocketResponse
+    upstream: aiohttp.ClientWebSocketResponse
+    reason: str | None = None  # why it ended (set once)
+    recheck: asyncio.Task[None] | None = None
+    dirty: bool = False  # a signal arrived since the running recheck read its facts
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def closed_by(self, side: str) -> None:
+        """A side closed on its own (no decision ended it)."""
+        if self.reason is None:
+            self.reason = side
+            self.ended.set()
+
+    def cache_keys(self) -> tuple[str, ...]:
+        """The cached facts this session's access stands on."""
+        return (
+            schema.c_key(self.key_id),
+            schema.c_ws(self.workspace_id),
+            schema.c_org(self.org_id),
+            schema.c_grants("workspace:" + self.workspace_id),
+            schema.c_grants("org:" + self.org_id),
+            schema.c_standing(self.workspace_id),
+        )
+
+
+class Sessions:
+    """The open sessions of this process; plugged into the handler as ``Hooks.websocket``."""
+
+    def __init__(
+        self, holder: Holder, entitlements: Entitlements, session: aiohttp.ClientSession
+    ) -> None:
+        self.holder = holder
+        self.entitlements = entitlements
+        self.session = session
+        self.open: set[Session] = set()
+        self._by_fact: dict[str, set[Session]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._gauges: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="websocket-sweep")
+
+    async def stop(self) -> None:
+        """End every open session (close 1001, going away) and the sweep."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await asyncio.gather(
+            *(self._end(s, "shutdown", 1001, None) for s in list(self.open)),
+            return_exceptions=True,
+        )
+
+    # ------------------------------------------------------------------ signals
+
+    def facts_evicted(self, keys: Iterable[str] | None) -> None:
+        """The invalidation signal: re-decide the sessions standing on ``keys`` (None: all)."""
+        if keys is None:
+            touched: Iterable[Session] = list(self.open)
+        else:
+            found: set[Session] = set()
+            for key in keys:
+                found |= self._by_fact.get(key, set())
+            touched = found
+        for s in touched:
+            self._schedule(s)
+
+    def config_swapped(self) -> None:
+        """A new config snapshot (a phase may have closed): re-decide every session."""
+        for s in list(self.open):
+            self._schedule(s)
+
+    def _schedule(self, s: Session) -> None:
+        """Re-decide ``s`` soon; a recheck already running runs once more after it ends, so
+        the facts it reads are never older than the signal."""
+        if s.reason is not None:
+            return
+        s.dirty = True
+        if s.recheck is None or s.recheck.done():
+            s.recheck = asyncio.ensure_future(self._recheck_while_dirty(s))
+
+    async def _recheck_while_dirty(self, s: Session) -> None:
+        while s.dirty and s.reason is None:
+            s.dirty = False
+            await self._recheck(s, None)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            ttl = self.holder.current.config.cache.ttl_seconds
+            period = min(_MAX_SWEEP_S, max(0.05, ttl / 5))
+            await asyncio.sleep(period)
+            if not self.open:
+                continue
+            cc = self.holder.current.config.cache
+            # Facts read at most ttl - period ago: with this period, none is older than the TTL.
+            younger = dataclasses.replace(cc, ttl_seconds=max(0.0, cc.ttl_seconds - period))
+            await asyncio.gather(
+                *(self._recheck(s, younger) for s in list(self.open) if s.reason is None),
+                return_exceptions=True,
+            )
+
+    # ------------------------------------------------------------------ deciding again
+
+    async def _refusal(self, s: Session, model: str, cc: CacheConfig | None) -> str | None:
+        """The §3.4 code that refuses ``model`` to this session now, or None when allowed."""
+        snap = self.holder.current
+        cfg = snap.config
+        cache = cc or cfg.cache
+        try:
+            rec = await self.entitlements.key(s.key_id, cache)
+            if rec is None or rec.revoked:
+                return "invalid_api_key"
+            facts = await self.entitlements.facts_for(s.workspace_id, cache)
+        except EntitlementUnavailable:
+            return "entitlement_unavailable"
+        if facts is None:
+            return "invalid_api_key"
+        return decide(facts, cfg, RequestInfo(s.product, model), time.time()).code
+
+    async def _recheck(self, s: Session, cc: CacheConfig | None) -> None:
+        if s.reason is not None:
+            return
+        try:
+            code = await self._refusal(s, s.model, cc)
+        except Exception:
+            log.exception("websocket session recheck failed")
+            code = "entitlement_unavailable"
+        if code is not None:
+            await self._end_for(s, code, None)
+
+    async def _end_for(self, s: Session, code: str, event_id: Any) -> None:
+        close = TRY_AGAIN_CLOSE if code == "entitlement_unavailable" else POLICY_CLOSE
+        await self._end(s, code, close, error_event(code, event_id=event_id))
+
+    async def _end(self, s: Session, reason: str, close_code: int, event: str | None) -> None:
+        """End ``s`` once: tell the client why, close both sides."""
+        if s.reason is not None:
+            return
+        s.reason = reason
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                if event is not None and not s.client.closed:
+                    await s.client.send_str(event)
+                await s.client.close(code=close_code, message=reason.encode()[:120])
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await s.upstream.close(code=1000)
+        s.ended.set()
+
+    # ------------------------------------------------------------------ the handler's hook
+
+    def model_of(self, request: web.BaseRequest) -> str | None:
+        """The model an upgrade names; a session must name one."""
+        model = query_model(request.rel_url.raw_query_string)
+        if model is None:
+            raise BodyError(
+                "invalid_request", "A WebSocket session must name its model: ?model=..."
+            )
+        return model
+
+    async def relay(
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        upstream_name: str,
+        url_path: str,
+        out_headers: CIMultiDict[str],
+        workspace_id: str,
+        org_id: str,
+        model: str,
+        product: str,
+        rid: str,
+        count: Callable[[str], None],
+    ) -> web.StreamResponse:
+        """Connect upstream, upgrade the client, relay until either side closes."""
+        if not web.WebSocketResponse().can_prepare(request).ok:
+            count("invalid_request")
+            return deny_response("invalid_request", rid, "Not a valid WebSocket handshake.")
+        key_id = identity.key_id_of(presented_key(request) or "")
+        if key_id is None:  # the handler identified this key a moment ago
+            count("invalid_api_key")
+            return deny_response("invalid_api_key", rid)
+
+        upstream = snap.config.upstreams[upstream_name]
+        timeouts = upstream.timeouts
+        try:
+            async with asyncio.timeout(timeouts.connect_s + timeouts.first_byte_s):
+                upstream_ws = await self.session.ws_connect(
+                    URL(upstream.url + url_path, encoded=True),
+                    headers=_upstream_headers(out_headers),
+                    protocols=offered_protocols(request),
+                    autoping=False,
+                    autoclose=False,
+                    max_msg_size=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_TIMEOUT_S),
+                )
+        except TimeoutError:
+            count("upstream_timeout")
+            return deny_response("upstream_timeout", rid)
+        except aiohttp.WSServerHandshakeError as exc:
+            count("upstream_unavailable")
+            message = f"The model service refused the WebSocket upgrade ({exc.status})."
+            return deny_response("upstream_unavailable", rid, message)
+        except (aiohttp.ClientError, OSError):
+            count("upstream_unavailable")
+            return deny_response("upstream_unavailable", rid)
+
+        client = web.WebSocketResponse(
+            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+            autoping=False,
+            autoclose=False,
+            max_msg_size=snap.config.limits.max_body_bytes,
+        )
+        client.headers["x-request-id"] = rid
+        s = Session(key_id, workspace_id, org_id, product, model, client, upstream_ws)
+        try:
+            await client.prepare(request)
+        except Exception:
+            await upstream_ws.close(code=1001)
+            raise
+        count("ok")
+        self._register(s)
+        try:
+            await self._pump_both(s)
+        finally:
+            self._unregister(s)
+        return client
+
+    # ------------------------------------------------------------------ relaying
+
+    def _register(self, s: Session) -> None:
+        self.open.add(s)
+        for key in s.cache_keys():
+            self._by_fact.setdefault(key, set()).add(s)
+        gauge = self._gauges.get(s.product)
+        if gauge is None:
+            gauge = self._gauges[s.product] = metrics.WEBSOCKET_SESSIONS.labels(s.product)
+        gauge.inc()
+
+    def _unregister(self, s: Session) -> None:
+        self.open.discard(s)
+        for key in s.cache_keys():
+            holders = self._by_fact.get(key)
+            if holders is not None:
+                holders.discard(s)
+                if not holders:
+                    del self._by_fact[key]
+        self._gauges[s.product].dec()
+        metrics.WEBSOCKET_CLOSED.labels(s.product, s.reason or "client").inc()
+        if s.recheck is not None and not s.recheck.done():
+            s.recheck.cancel()
+
+    async def _pump_both(self, s: Session) -> None:
+        to_upstream = asyncio.create_task(self._from_client(s))
+        to_client = asyncio.create_task(self._from_upstream(s))
+        done: set[asyncio.Task[None]] = set()
+        try:
+            done, pending = await asyncio.wait(
+                (to_upstream, to_client), return_when=asyncio.FIRST_COMPLETED
+            )
+            # The side that closed closes the other: give that its close handshake.
+            if pending:
+                await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT_S)
+            if s.reason is not None and not s.ended.is_set():
+                # Ended by a decision: wait until the client was told and both sides closed.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2 * _CLOSE_TIMEOUT_S):
+                        await s.ended.wait()
+        finally:
+            for task in (to_upstream, to_client):
+                task.cancel()
+            for task in (to_upstream, to_client):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            s.closed_by("upstream" if to_client in done else "client")
+            with contextlib.suppress(Exception):
+                await s.upstream.close(code=1001)
+            with contextlib.suppress(Exception):
+                await s.client.close(code=1001)
+
+    async def _from_client(self, s: Session) -> None:
+        client, upstream = s.client, s.upstream
+        while True:
+            msg = await client.receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                if not await self._client_event_allowed(s, msg.data, kind is WSMsgType.BINARY):
+                    if s.reason is not None:
+                        return
+                    continue
+                if kind is WSMsgType.TEXT:
+                    await upstream.send_str(msg.data)
+                else:
+                    await upstream.send_bytes(msg.data)
+            elif kind is WSMsgType.PING:
+                await upstream.ping(msg.data)
+            elif kind is WSMsgType.PONG:
+                await upstream.pong(msg.data)
+            elif kind is WSMsgType.CLOSE:
+                s.closed_by("client")
+                await upstream.close(code=_sendable(msg.data), message=_extra(msg.extra))
+                await client.close(code=_sendable(msg.data))
+                return
+            else:  # CLOSING, CLOSED, ERROR
+                return
+
+    async def _from_upstream(self, s: Session) -> None:
+        client, upstream = s.client, s.upstream
+        while True:
+            msg = await upstream.receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT:
+                await client.send_str(msg.data)
+            elif kind is WSMsgType.BINARY:
+                await client.send_bytes(msg.data)
+            elif kind is WSMsgType.PING:
+                await client.ping(msg.data)
+            elif kind is WSMsgType.PONG:
+                await client.pong(msg.data)
+            elif kind is WSMsgType.CLOSE:
+                s.closed_by("upstream")
+                await client.close(code=_sendable(msg.data), message=_extra(msg.extra))
+                await upstream.close(code=_sendable(msg.data))
+                return
+            else:
+                if kind is WSMsgType.ERROR and s.reason is None:
+                    s.closed_by("upstream_error")
+                    await client.close(code=1011)
+                return
+
+    async def _client_event_allowed(self, s: Session, data: str | bytes, binary: bool) -> bool:
+        """Decide the models a client event names; a refusal ends the session."""
+        try:
+            models = event_models(data, binary=binary)
+        except BodyError as exc:
+            await s.client.send_str(error_event(exc.code, exc.message, _event_id(data)))
+            return False
+        if not models:
+            return True
+        for model in models:
+            code = await self._refusal(s, model, None)
+            if code is not None:
+                await self._end_for(s, code, _event_id(data))
+                return False
+        if len(set(models)) == 1 and models[0] != s.model:
+            s.model = models[0]  # later rechecks decide the model the session now runs
+        return True
+
+
+def _extra(extra: Any) -> bytes:
+    if isinstance(extra, str):
+        return extra.encode()[:120]
+    return b""
+
+
+def _event_id(data: str | bytes) -> Any:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return doc.get("event_id") if isinstance(doc, dict) else None
