@@ -168,7 +168,10 @@ class ClusterTopology:
                 for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
                     if start <= slot <= end:
                         port = int(primary[1])
-                        return next(n for n in self.nodes if n.port == port)
+                        for n in self.nodes:
+                            if n.port == port:
+                                return n
+                        raise OSError(f"the owner of slot {slot} (port {port}) is down")
         raise AssertionError(f"no node serves slot {slot}")
 
     def admin_owner(self) -> Node:

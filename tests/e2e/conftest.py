@@ -32,7 +32,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 import yaml
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families

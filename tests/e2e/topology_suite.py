@@ -122,7 +122,7 @@ async def failover_under_load(
     http: aiohttp.ClientSession,
     on_victim: Callable[[int], bool],
 ) -> dict[str, float]:
-    a, b = pair
+    a = pair[0]
     known = {p.data_url: await tenant_in(seed, on_victim) for p in pair}
     revoked = await seed.tenant()
     await seed.revoke_key(revoked.key_id)
@@ -141,8 +141,9 @@ async def failover_under_load(
 
     async def load(proxy: ServeProcess) -> None:
         mine = known[proxy.data_url].key
-        keys = (("known", mine), ("unknown", unknown_key), ("revoked", revoked.key))
         while not stop.is_set():
+            # A new unknown key each time: one never looked up, so no cached "no such key".
+            keys = (("known", mine), ("unknown", new_key()[1]), ("revoked", revoked.key))
             for kind, key in keys:
                 answer = await request(http, proxy.data_url, key=key, model=MODEL)
                 limit = answer.headers.get("x-ratelimit-limit-requests")

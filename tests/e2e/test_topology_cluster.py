@@ -1,0 +1,106 @@
+"""Everything on a Redis Cluster of 3 masters, each with a replica (``redis+cluster://``): the
+admin flow and audit chain, the decision table, rate limits, usage, cross-replica revocation,
+and a failover under load (SIGKILL of the master holding the admin slot; its replica takes over).
+Started once for the module."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+import redis.asyncio
+
+from proxy.store.topology import Topology
+from tests.e2e.conftest import Seeder, Stack
+from tests.e2e.test_dataplane_e2e import (  # noqa: F401  (collected here, on this topology)
+    test_grant_states,
+    test_missing_malformed_unknown_and_revoked_keys,
+    test_product_grants_do_not_cross_and_codex_is_rewritten,
+    test_workspace_and_org_suspended,
+    test_workspace_grant_beats_org_grant,
+)
+from tests.e2e.test_limits_and_admin_e2e import (  # noqa: F401
+    pair,
+    test_a_key_revoked_through_one_admin_api_is_refused_by_the_other_process,
+    test_two_processes_together_admit_at_most_burst_plus_rate,
+)
+from tests.e2e.test_metering_e2e import test_streamed_and_plain_answers_are_metered  # noqa: F401
+from tests.e2e.topology_suite import LIMITS, failover_under_load, topology_stack
+from tests.integration.test_admin_api import (  # noqa: F401
+    admin,
+    test_explain_names_the_rule_and_the_facts,
+    test_grant_lifecycle,
+    test_keys_issue_once_and_revoke,
+    test_orgs_and_workspaces,
+)
+from tests.integration.test_audit import (  # noqa: F401
+    test_concurrent_changes_keep_one_unbroken_chain,
+    test_every_change_appends_one_chained_entry,
+)
+from tests.redis_topologies import ClusterTopology, cluster_topology
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    with cluster_topology(tmp_path_factory.mktemp("cluster")) as topo:
+        yield topo
+
+
+@pytest.fixture(scope="module")
+def stack(
+    topology: ClusterTopology, dead_upstream_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    with topology_stack(topology.url, tmp_path_factory.mktemp("e2e"), dead_upstream_url) as s:
+        yield s
+
+
+@pytest.fixture
+def redis_url(topology: ClusterTopology) -> str:
+    topology.flush()
+    return topology.url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    topo = Topology(redis_url)
+    try:
+        yield topo.client(None)
+    finally:
+        await topo.aclose()
+
+
+async def test_keys_of_a_workspace_share_a_slot_and_data_spreads(
+    stack: Stack, seed: Seeder
+) -> None:
+    """Traffic keys of one workspace land on one node; different workspaces on several."""
+    from proxy.store import schema
+    from proxy.store.routing import slot_of
+
+    owners = set()
+    for i in range(30):
+        ws = f"ws-spread-{i}"
+        keys = [schema.rate_key(ws, "p"), schema.concurrency_key(ws, None), schema.usage_key(ws)]
+        assert len({slot_of(k) for k in keys}) == 1
+        owners.add(slot_of(keys[0]) * 3 // 16384)
+    assert len(owners) == 3
+
+
+async def test_failover_under_load(
+    topology: ClusterTopology, stack: Stack, seed: Seeder, http: aiohttp.ClientSession
+) -> None:
+    a = stack.start_serve("failover-a", overrides=LIMITS)
+    b = stack.start_serve("failover-b", overrides=LIMITS)
+    victim = topology.admin_owner()
+    try:
+        await failover_under_load(
+            topology,
+            victim.port,
+            (a, b),
+            seed,
+            http,
+            on_victim=lambda slot: topology.owner_of(slot).port == victim.port,
+        )
+    finally:
+        assert a.stop() == 0, a.log()
+        assert b.stop() == 0, b.log()
