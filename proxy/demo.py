@@ -286,6 +286,33 @@ async def check_cases(
     return lines
 
 
+_WS_HEADERS = (
+    "-H 'connection: upgrade' -H 'upgrade: websocket' -H 'sec-websocket-version: 13' "
+    "-H 'sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ=='"
+)
+
+
+async def check_realtime(
+    session: aiohttp.ClientSession, port: int, keys: dict[str, str]
+) -> list[str]:
+    """The Realtime API: a session opened for a granted key, and one refused before upgrading."""
+    url = f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol"
+    lines = []
+    for title, name, expect in (
+        ("realtime allowed: session opened", "acme-research", "101 session.created"),
+        ("realtime 404 model_not_found: refused before upgrade", "initech-lab", "404"),
+    ):
+        headers = {"authorization": f"Bearer {keys[name]}"}
+        try:
+            async with session.ws_connect(url, headers=headers) as ws:
+                got = "101 " + (await ws.receive_json(timeout=10))["type"]
+        except aiohttp.WSServerHandshakeError as exc:
+            got = str(exc.status)
+        mark = "ok " if got == expect else "?? "
+        lines.append(f"  {mark}{title:<52} -> {got}")
+    return lines
+
+
 async def demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
@@ -314,6 +341,7 @@ async def demo(args: argparse.Namespace) -> int:
             admin = AdminCalls(session, f"http://127.0.0.1:{args.admin_port}", tokens)
             keys, cases = await seed(admin)
             results = await check_cases(session, args.port, keys, cases)
+            results += await check_realtime(session, args.port, keys)
         print(report(args, tokens, keys, cases, admin.commands, results), flush=True)
         await stop.wait()
     finally:
@@ -362,6 +390,9 @@ def report(
         f"  curl -sN http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer "
         f"{keys['acme-research']}' -H 'content-type: application/json' -d '{{\"model\": "
         '"gpt-5.6-sol", "stream": true, "messages": [{"role": "user", "content": "hi"}]}\'',
+        "  # realtime: a WebSocket upgrade without a grant is refused before upgrading",
+        f"  curl -si 'http://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol' {_WS_HEADERS} "
+        f"-H 'authorization: Bearer {keys['initech-lab']}'",
         "  # what this key may use",
         f"  curl -s http://127.0.0.1:{port}/v1/models -H 'authorization: Bearer "
         f"{keys['acme-research']}'",
@@ -380,6 +411,21 @@ def report(
         "  for chunk in client.chat.completions.create(model='gpt-5.6-sol', stream=True, "
         "messages=[{'role': 'user', 'content': 'hello'}]):",
         "      print(chunk.choices[0].delta.content if chunk.choices else '', end='')",
+        "  EOF",
+        "",
+        "A realtime session (WebSocket), with aiohttp:",
+        "  python - <<'EOF'",
+        "  import asyncio, aiohttp",
+        "  async def main():",
+        "      async with aiohttp.ClientSession() as s, s.ws_connect(",
+        f"          'ws://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol',",
+        f"          headers={{'authorization': 'Bearer {keys['acme-research']}'}}) as ws:",
+        "          print(await ws.receive_json())",
+        "          await ws.send_json({'type': 'response.create'})",
+        "          async for msg in ws:",
+        "              print(msg.data)",
+        "              if '\"response.done\"' in msg.data: break",
+        "  asyncio.run(main())",
         "  EOF",
         "",
         f"Metrics: curl -s http://127.0.0.1:{admin_port}/metrics"

@@ -79,6 +79,7 @@ def test_demo_seeds_through_the_admin_api_and_shows_every_case(tmp_path: Path) -
         ):
             assert code in out, code
         assert "access-proxy admin grants approve" in out
+        assert "ok realtime 404 model_not_found" in out, out
         assert f"base_url='http://127.0.0.1:{port}/v1'" in out
     finally:
         proc.send_signal(signal.SIGINT)

@@ -569,3 +569,18 @@ async def test_many_sessions_at_once_end_together(
     await asyncio.gather(
         *(assert_ended(ws, "workspace_suspended", started, ENDED_WITHIN_S) for ws in sockets)
     )
+
+
+async def test_shutdown_ends_open_sessions_instead_of_waiting_out_the_grace(
+    stack: Stack, seed: Seeder, http: aiohttp.ClientSession
+) -> None:
+    proxy = stack.start_serve("ws-drain")  # shutdown_grace_s: 10
+    tenant = await granted(seed)
+    ws = await connect(http, proxy.data_url, tenant.key, f"model={PREVIEW_MODEL}")
+    await receive_json(ws)
+    started = time.monotonic()
+    proxy.terminate()
+    msg = await ws.receive(timeout=RECEIVE_S)
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001), msg
+    assert await asyncio.to_thread(proxy.wait_exit) == 0
+    assert time.monotonic() - started < 5.0
