@@ -40,11 +40,13 @@ from tests.e2e.conftest import (
 )
 
 MODEL = "gpt-4o-mini"  # in no program: the default limit below applies
-RPM = 6000
+RPM = 60000
+# Generous: each replica's local share (limit / live replicas, and other tests' processes on the
+# same Redis count) must stay above the paced load, so a refusal would be a real fault.
 LIMITS = {
     "rate_limits": {
         "enabled": True,
-        "default": {"requests_per_minute": RPM, "burst": 200, "concurrent": 20},
+        "default": {"requests_per_minute": RPM, "burst": 2000, "concurrent": 100},
     },
 }
 PROPAGATION_LIMIT_S = 1.0  # the target is 100 ms; the bound keeps the test deterministic
@@ -189,7 +191,7 @@ async def failover_under_load(
     local = [o for o in by_kind["known"] if o.limit != str(RPM)]
     assert local, "no answer was limited by the local share during the failover"
     # The share is the limit over the replicas last seen alive (the stack's own proxy counts too).
-    assert {o.limit for o in local} <= {str(RPM // n) for n in range(2, 5)}, local
+    assert {o.limit for o in local} <= {str(RPM // n) for n in range(2, 9)}, local
     local_after = [await _local_mode(http, p) for p in pair]
     assert sum(local_after) > sum(local_before)
     last_local = max(o.at for o in local)

@@ -1,6 +1,7 @@
 """Invalidation across replicas against a real Redis (SPEC §5): a change made through one replica
-evicts the entry on another well within a second, a replica that loses its subscription drops its
-whole cache when it subscribes again, and a publication it missed is still bounded by the ttl."""
+evicts the entry on another well within a second, a replica that loses its subscription makes its
+whole cache stale when it subscribes again (re-read on the next lookup, still answering while
+Redis cannot), and a publication it missed is still bounded by the ttl."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from proxy import config, identity
 from proxy.config import CacheConfig
 from proxy.policy import Flag
 from proxy.redis_server import RedisServer
-from proxy.store.cache import FactCache
+from proxy.store import schema
+from proxy.store.cache import MISSING, FactCache
 from proxy.store.connection import Breaker, Gate, make_client
 from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
@@ -153,7 +155,19 @@ async def _true(value: Awaitable[Any], test: Callable[[Any], bool]) -> bool:
     return test(await value)
 
 
-async def test_a_replica_that_loses_its_subscription_drops_its_whole_cache(
+def fresh_entries(replica: Replica, ttl: float = 60) -> list[str]:
+    """The keys of ``ws1``'s facts that would answer now without a Redis read."""
+    keys = [
+        schema.c_ws("ws1"),
+        schema.c_org("org1"),
+        schema.c_grants("workspace:ws1"),
+        schema.c_grants("org:org1"),
+        schema.c_standing("ws1"),
+    ]
+    return [k for k in keys if replica.cache.fresh(k, ttl) is not MISSING]
+
+
+async def test_a_replica_that_loses_its_subscription_revalidates_its_whole_cache(
     private_redis: RedisServer, replicas: Callable[[str], Awaitable[Replica]]
 ) -> None:
     b = await replicas(private_redis.url)
@@ -161,7 +175,7 @@ async def test_a_replica_that_loses_its_subscription_drops_its_whole_cache(
     b.subscriber.start()
     await subscribed(b, 1)
     assert await b.entitlements.facts_for("ws1", LONG) is not None
-    assert len(b.cache) == 5
+    assert len(b.cache) == 5 and len(fresh_entries(b)) == 5
 
     await private_redis.stop()
     await wait_until(lambda: not b.subscriber.connected.is_set(), message="subscription lost")
@@ -170,11 +184,13 @@ async def test_a_replica_that_loses_its_subscription_drops_its_whole_cache(
 
     await private_redis.start()
     await wait_until(b.subscriber.connected.is_set, timeout=10, message="subscribed again")
-    assert len(b.cache) == 0
+    # Every entry is stale (re-read on its next lookup) but kept as the fallback.
+    assert len(b.cache) == 5 and fresh_entries(b) == []
     assert await b.entitlements.facts_for("ws1", LONG) is not None
+    assert len(fresh_entries(b)) == 5
 
 
-async def test_a_killed_subscription_connection_also_drops_the_cache(
+async def test_a_killed_subscription_connection_also_revalidates_the_cache(
     replicas: Callable[[str], Awaitable[Replica]], private_redis: RedisServer
 ) -> None:
     # A Redis of its own: the count of pub/sub clients must not see other tests' processes.
@@ -189,7 +205,7 @@ async def test_a_killed_subscription_connection_also_drops_the_cache(
 
     assert await a.admin.client_kill_filter(_type="pubsub") == 1
 
-    await wait_until(lambda: len(b.cache) == 0, message="cache dropped on resubscribe")
+    await wait_until(lambda: fresh_entries(b) == [], message="cache stale on resubscribe")
     await wait_until(b.subscriber.connected.is_set, message="subscribed again")
     after = {c["id"] for c in await a.admin.client_list(_type="pubsub")}
     assert len(after) == 1 and after != before
