@@ -9,7 +9,9 @@ Both are context managers that start every process on free loopback ports and st
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from proxy.redis_server import HOST, RedisServer, find_redis_server
+from proxy.redis_server import HOST, RedisServer, RedisServerError, find_redis_server
 from proxy.store.routing import slot_of
 from proxy.store.schema import ADMIN
 
@@ -31,8 +33,8 @@ READY_DEADLINE_S = 30.0
 class Node(RedisServer):
     """A non-persistent redis-server with extra arguments."""
 
-    def __init__(self, data_dir: Path, extra: list[str]) -> None:
-        super().__init__(data_dir, persistent=False)
+    def __init__(self, data_dir: Path, extra: list[str], port: int | None = None) -> None:
+        super().__init__(data_dir, persistent=False, port=port)
         self.extra = extra
 
     def command(self, port: int) -> list[str]:
@@ -199,6 +201,35 @@ class ClusterTopology:
         _wait("cluster failover", promoted, deadline_s)
 
 
+def _cluster_port() -> int:
+    """A free port whose Cluster bus port (port + 10000) is free too; both below 65536."""
+    while True:
+        port = random.randint(20000, 45000)
+        if all(_port_free(p) for p in (port, port + 10000)):
+            return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _start_cluster_node(d: Path, extra: list[str]) -> Node:
+    for attempt in range(5):
+        node = Node(d, [*extra, "--cluster-config-file", str(d / "nodes.conf")], _cluster_port())
+        try:
+            node.start_sync()
+            return node
+        except RedisServerError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _cluster_ok(nodes: list[Node]) -> bool:
     for node in nodes:
         with node.client() as c:
@@ -221,9 +252,7 @@ def cluster_topology(root: Path, masters: int = 3) -> Iterator[ClusterTopology]:
     with ExitStack() as stack:
         nodes: list[Node] = []
         for i in range(masters * 2):
-            d = root / f"node-{i}"
-            node = Node(d, [*extra, "--cluster-config-file", str(d / "nodes.conf")])
-            node.start_sync()
+            node = _start_cluster_node(root / f"node-{i}", extra)
             stack.callback(node.stop_sync)
             nodes.append(node)
         primaries, replicas = nodes[:masters], nodes[masters:]

@@ -11,6 +11,8 @@ import aiohttp
 import pytest
 import redis.asyncio
 
+from proxy.redis_server import HOST
+from proxy.store.routing import ClusterResp, SlotTable, slot_of
 from proxy.store.topology import Topology
 from tests.e2e.conftest import Seeder, Stack
 from tests.e2e.test_dataplane_e2e import (  # noqa: F401  (collected here, on this topology)
@@ -84,6 +86,49 @@ async def test_keys_of_a_workspace_share_a_slot_and_data_spreads(
         assert len({slot_of(k) for k in keys}) == 1
         owners.add(slot_of(keys[0]) * 3 // 16384)
     assert len(owners) == 3
+
+
+async def test_the_limiter_client_follows_moved_and_ask(topology: ClusterTopology) -> None:
+    """The RESP router with a stale slot map (``-MOVED``) and during a slot migration (``-ASK``,
+    then ``-MOVED`` once the slot changed hands)."""
+    table = SlotTable([(HOST, topology.masters[0].port)])
+    router = ClusterResp(table)
+    try:
+        await table.refresh()
+        key = "ap:{ws:resp-moved}:x"
+        slot = slot_of(key)
+        owner = table.owner(slot)
+        other = next(a for a in table.nodes if a != owner and a[1] in _primary_ports(topology))
+        table._slots[slot] = other  # stale: as after a failover nobody told us of
+        assert await router.call_for(key, "SET", key, "1") == "OK"
+        assert table.owner(slot) == owner
+
+        # Move the slot from its owner to the other master, key by key, as a resharding does.
+        src = next(n for n in topology.masters if (HOST, n.port) == owner)
+        dst = next(n for n in topology.masters if (HOST, n.port) == other)
+        with src.client() as s, dst.client() as d:
+            src_id, dst_id = (
+                s.execute_command("CLUSTER", "MYID"),
+                d.execute_command("CLUSTER", "MYID"),
+            )
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            fresh = "ap:{ws:resp-moved}:y"  # not on the source: it answers -ASK
+            assert await router.call_for(fresh, "SET", fresh, "2") == "OK"
+            assert table.owner(slot) == owner  # ASK is one command, not a new owner
+            s.execute_command("MIGRATE", HOST, dst.port, key, 0, 5000)
+            for node in topology.masters:
+                with node.client() as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        assert await router.call_for(key, "GET", key) == b"1"
+        assert await router.call_for(fresh, "GET", fresh) == b"2"
+        assert table.owner(slot) == other
+    finally:
+        await router.close()
+
+
+def _primary_ports(topology: ClusterTopology) -> set[int]:
+    return {n.port for n in topology.masters}
 
 
 async def test_failover_under_load(
