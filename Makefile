@@ -33,5 +33,9 @@ bench: $(STAMP)
 image-test: $(STAMP)
 	ACCESS_PROXY_IMAGE_TEST=1 $(BIN)/pytest -v -s -p no:cacheprovider tests/image
 
+# Alert rules and their tests, and the dashboard's PromQL, through promtool (Debian: prometheus).
+deploy-check: $(STAMP)
+	$(BIN)/python deploy/deploy_check.py
+
 clean:
 	rm -rf $(VENV) .state

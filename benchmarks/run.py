@@ -60,6 +60,7 @@ UPSTREAM_API_KEY = "sk-upstream-bench"
 ACTOR = Actor("benchmark", "benchmark")
 ORG_ID = "org_bench"
 WS_ID = "ws_bench"
+WARM_DEADLINE_S = 20.0
 
 CHAT_BODY = json.dumps(
     {"model": MODEL, "messages": [{"role": "user", "content": "Say hello in one word."}]},
@@ -425,10 +426,15 @@ async def started(settings: Settings) -> AsyncIterator[Bench]:
                 bench.urls[case.name] = await start_proxy(bench, case.name, case.config)
         bench.urls["revocation-peer"] = await start_proxy(bench, "revocation-peer", {})
 
-        # Warm every path (and the proxies' caches) and check each answers 200.
+        # Warm every path (and the proxies' caches) and check each answers 200. On a loaded
+        # machine a first lookup may outlast the short Redis timeout (503): retry those a while.
         async with aiohttp.ClientSession() as session:
             for name, url in bench.urls.items():
+                deadline = time.monotonic() + WARM_DEADLINE_S
                 status = await post_status(session, url, bench.seeded.key)
+                while status == 503 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    status = await post_status(session, url, bench.seeded.key)
                 if status != 200:
                     raise RuntimeError(f"{name} answered {status} to the benchmark request")
         yield bench

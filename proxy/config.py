@@ -17,9 +17,11 @@ import hashlib
 import ipaddress
 import itertools
 import re
+import time
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Any, TypeVar
@@ -179,6 +181,52 @@ def _phase(v: Any) -> str | None:
     return None if v in PHASES else f"phase must be one of {', '.join(PHASES)}"
 
 
+def instant(value: Any) -> float | None:
+    """Epoch seconds of an RFC 3339 time with an offset (YAML may already give a datetime)."""
+    if isinstance(value, datetime):
+        when = value
+    elif isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip().upper())
+        except ValueError:
+            return None
+    else:
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
+
+
+def rfc3339_utc(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _read_instant(r: _Reader, raw: Any, path: str, siblings: dict[str, Any]) -> str | None:
+    """An RFC 3339 time, kept in its UTC form (``...Z``), or None when absent."""
+    if raw is None:
+        return None
+    at = instant(raw)
+    if at is None:
+        r.err(path, "must be an RFC 3339 time with an offset, e.g. 2026-07-24T00:00:00Z")
+        return None
+    return rfc3339_utc(at)
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    # Grants may be requested only for orgs (and their workspaces) with an account representative.
+    requires_account_representative: bool = setting(False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseGates:
+    # No product of the program may be in `ga` before this time (RFC 3339).
+    ga_not_before: str | None = setting(None, read=_read_instant)
+    ga_not_before_t: float | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        at = instant(self.ga_not_before) if self.ga_not_before is not None else None
+        object.__setattr__(self, "ga_not_before_t", at)
+
+
 @dataclass(frozen=True, slots=True)
 class Program:
     name: str  # its key under `programs`
@@ -188,6 +236,8 @@ class Program:
     )
     phases: Mapping[str, str] = setting(None, read=_read_phases)  # per product; default closed
     blocked_categories: tuple[str, ...] = setting((), convert=_lower_all)
+    eligibility: Eligibility = setting()
+    release_gates: ReleaseGates = setting()
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +257,8 @@ class RateLimit:
     burst: int = setting(60, check=_non_negative)
     concurrent: int = setting(50, check=_positive)
     shadow: bool = setting(False)
+    # Input + output tokens per minute from metered usage (SPEC §6); None: no token limit.
+    tokens_per_minute: int | None = setting(None, check=_positive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +422,11 @@ class Pricing:  # USD per 1M tokens
 
 
 @dataclass(frozen=True, slots=True)
+class UsageConfig:
+    retention_days: int = setting(400, check=_positive)  # usage per UTC day kept this long
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = setting(10 * 1024 * 1024, check=_positive)
 
@@ -433,8 +490,25 @@ def _read_programs(
                     f"{p}.required_approvals[{j}]",
                     f"unknown approval role {role!r}: no admin token has approver:{role}",
                 )
+        _check_release_gate(r, p, values["phases"], values["release_gates"])
         programs[name] = Program(name=name, **values)
     return MappingProxyType(programs)
+
+
+def _check_release_gate(
+    r: _Reader, path: str, phases: Mapping[str, str], gates: ReleaseGates
+) -> None:
+    """An error on each product put in ``ga`` while the program's release gate is closed."""
+    opens = gates.ga_not_before_t
+    if opens is None or r.now >= opens:
+        return
+    for product, phase in phases.items():
+        if phase == "ga":
+            r.err(
+                f"{path}.phases.{product}",
+                f"ga is not allowed before the release gate opens at {gates.ga_not_before} "
+                f"({path}.release_gates.ga_not_before)",
+            )
 
 
 def _read_networks(
@@ -472,6 +546,7 @@ class Config:
     misuse: MisuseConfig = setting()
     rate_limits: RateLimits = setting()
     pricing: Pricing = setting()
+    usage: UsageConfig = setting()
     state_dir: str = setting(".state", restart=True)
     shutdown_grace_s: float = setting(30.0, check=_non_negative, convert=float)
     program_of_model: Mapping[str, str] = field(init=False, repr=False, compare=False)
@@ -762,9 +837,10 @@ class _Reader(_Checker):
     """Reads sections by their declarations; ``root`` holds the top-level values read so far,
     so a later section can check against an earlier one (routes against upstreams)."""
 
-    def __init__(self, lines: dict[str, int]) -> None:
+    def __init__(self, lines: dict[str, int], now: float) -> None:
         super().__init__(lines)
         self.root: dict[str, Any] = {}
+        self.now = now  # the time release gates are judged at
 
     def section(
         self, raw: Any, path: str, cls: type, base: Any = None, into: dict[str, Any] | None = None
@@ -848,29 +924,33 @@ def _kind_name(value: Any) -> str:
     )
 
 
-def build(data: Any, lines: dict[str, int], source: str, version: str) -> Config:
-    """Validate parsed YAML and build a snapshot, or raise ConfigError with every issue."""
-    r = _Reader(lines)
+def build(
+    data: Any, lines: dict[str, int], source: str, version: str, now: float | None = None
+) -> Config:
+    """Validate parsed YAML and build a snapshot, or raise ConfigError with every issue.
+
+    ``now`` (default: the clock) is the time release gates are judged at."""
+    r = _Reader(lines, time.time() if now is None else now)
     values = r.section({} if data is None else data, "", Config, into=r.root)
     if r.issues:
         raise ConfigError(source, r.issues)
     return Config(**values, version=version, source=source)
 
 
-def parse(text: str, source: str = "<config>") -> Config:
+def parse(text: str, source: str = "<config>", now: float | None = None) -> Config:
     data, lines = _compose(text, source)
     version = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return build(data, lines, source, version)
+    return build(data, lines, source, version, now)
 
 
-def load(path: str | Path | None = None) -> Config:
+def load(path: str | Path | None = None, now: float | None = None) -> Config:
     """Read and validate a config file; the path defaults to env ACCESS_PROXY_CONFIG."""
     p = Path(path or env.config_path() or DEFAULT_PATH)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(str(p), [ConfigIssue("", f"cannot read file: {exc.strerror}")]) from None
-    return parse(text, str(p))
+    return parse(text, str(p), now)
 
 
 def summary(cfg: Config) -> str:

@@ -183,6 +183,8 @@ def _programs(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
             x, y = getattr(a, k.name), getattr(b, k.name)
             if k.name in ("models", "blocked_categories"):
                 d.members(area, f"{sub}.{k.name}", x, y)
+            elif config.is_section(x):
+                d.section(area, f"{sub}.{k.name}", x, y)
             elif isinstance(x, Mapping):
                 d.mapping(
                     area, f"{sub}.{k.name}", x, y, lambda p, v, w: d.changed(area, p, v, w), str

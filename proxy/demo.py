@@ -75,9 +75,12 @@ class AdminCalls:
         self.tokens = tokens
         self.commands: list[str] = []
 
-    async def call(self, who: str, method: str, path: str, body: Any, cli: str) -> Any:
+    async def call(
+        self, who: str, method: str, path: str, body: Any, cli: str, refused: int | None = None
+    ) -> Any:
+        """One call; with ``refused``, the call must be refused with that status."""
         token = "" if who == "ops" else f" --token {self.tokens[who]}"
-        self.commands.append(f"access-proxy admin {cli}{token}")
+        command = f"access-proxy admin {cli}{token}"
         async with self.session.request(
             method,
             self.url + path,
@@ -85,17 +88,26 @@ class AdminCalls:
             headers={"authorization": f"Bearer {self.tokens[who]}"},
         ) as resp:
             doc = await resp.json() if resp.status != 204 else None
-            if resp.status >= 300:
+            if (resp.status >= 300) != (refused is not None) or (
+                refused and resp.status != refused
+            ):
                 raise RuntimeError(f"{method} {path} -> {resp.status}: {doc}")
-            return doc
+        if refused is not None:
+            command += f"   # refused: {refused} {(doc or {}).get('error', {}).get('code')}"
+        self.commands.append(command)
+        return doc
 
 
 async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
     a = admin.call
-    await a("ops", "POST", "/admin/v1/orgs", {"id": "acme", "name": "Acme"}, "orgs create acme")
-    await a(
-        "ops", "POST", "/admin/v1/orgs", {"id": "globex", "name": "Globex"}, "orgs create globex"
-    )
+    for org, name, rep in (("acme", "Acme", "Dana Reyes"), ("globex", "Globex", "Sam Okafor")):
+        await a(
+            "ops",
+            "POST",
+            "/admin/v1/orgs",
+            {"id": org, "name": name, "account_representative": rep},
+            f"orgs create {org} --account-rep '{rep}'",
+        )
     await a(
         "ops", "POST", "/admin/v1/orgs", {"id": "initech", "name": "Initech"}, "orgs create initech"
     )
@@ -193,6 +205,16 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
     g = await grant("org:initech", "gpt-5.5-alpha", "api")
     await approve(g, ("provider",))
     await enable(g)
+    # Hooli works with no account representative: the preview cannot even be requested for it.
+    await a("ops", "POST", "/admin/v1/orgs", {"id": "hooli"}, "orgs create hooli")
+    await a(
+        "ops",
+        "POST",
+        "/admin/v1/grants",
+        {"program": "gpt-5.6-preview", "product": "api", "subject": "org:hooli"},
+        "grants request --program gpt-5.6-preview --product api --subject org:hooli",
+        refused=422,
+    )
     # acme-contractors: the workspace is suspended by an operator.
     await a(
         "ops",

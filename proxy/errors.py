@@ -66,6 +66,7 @@ _TABLE = (
     ErrorCode("not_found", 404, "No such resource."),
     ErrorCode("conflict", 409, "The resource already exists."),
     ErrorCode("invalid_body", 422, "The request body is not valid."),
+    ErrorCode("not_eligible", 422, "The organization is not eligible for this program."),
     ErrorCode("invalid_config", 422, "The configuration is not valid."),
     ErrorCode("internal_error", 500, "Internal error."),
 )

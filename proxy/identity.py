@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from proxy import env
 
 KEY_PREFIX = "sk-ap-"
 _KEY_ID_LEN = 12
+_KEY_ID = re.compile(r"[0-9a-f]{12}")  # as new_key writes it: no sign, prefix, case or "_"
 
 
 class PepperError(Exception):
@@ -92,11 +94,7 @@ def key_id_of(key: str) -> str | None:
     if not key.startswith(KEY_PREFIX) or len(key) < len(KEY_PREFIX) + _KEY_ID_LEN + 33:
         return None
     key_id = key[len(KEY_PREFIX) : len(KEY_PREFIX) + _KEY_ID_LEN]
-    if key[len(KEY_PREFIX) + _KEY_ID_LEN] != "-":
-        return None
-    try:
-        int(key_id, 16)
-    except ValueError:
+    if key[len(KEY_PREFIX) + _KEY_ID_LEN] != "-" or not _KEY_ID.fullmatch(key_id):
         return None
     return key_id
 

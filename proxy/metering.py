@@ -13,9 +13,9 @@ write costs ``cache_write`` when set, else the input rate × ``cache_write_multi
 model without a price has its tokens counted at cost 0.
 
 :class:`Meter` does no Redis I/O on the request path: ``record`` counts the metrics and adds the
-usage to pending increments coalesced per workspace and model; one background task writes them in
-batches. While Redis is away the increments stay pending (memory bounded by workspaces × models,
-whatever the outage's length) and are retried with backoff until they land. Delivery is at least
+usage to pending increments coalesced per workspace, model and UTC day; one background task writes
+them in batches. While Redis is away the increments stay pending (memory bounded by workspaces ×
+models × days the outage spans) and are retried with backoff until they land. Delivery is at least
 once: a batch whose EXEC succeeded but whose reply was lost is written again.
 """
 
@@ -25,6 +25,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +34,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from proxy import metrics
 from proxy.config import Pricing
-from proxy.store.usage import UsageDelta, UsageStore
+from proxy.store.usage import UsageDelta, UsageStore, day_of
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,22 @@ class Answer(Protocol):
     """What the meter needs of a forwarded answer (``proxy.dataplane.forward.ForwardResult``)."""
 
     @property
+    def status(self) -> int: ...
+
+    @property
+    def completed(self) -> bool: ...
+
+    @property
     def captured(self) -> bytes: ...
 
     @property
     def is_stream(self) -> bool: ...
+
+    @property
+    def capture_whole(self) -> bool: ...
+
+    @property
+    def capture_problem(self) -> str | None: ...
 
 
 # --------------------------------------------------------------------------- extraction
@@ -171,14 +185,14 @@ def _from_sse(data: bytes) -> Usage | None:
     return None
 
 
-def extract_usage(captured: bytes, is_stream: bool) -> Usage | None:
-    """The usage of an answer: a JSON body, or the tail of an SSE stream. None when absent or
-    unreadable."""
+def extract_usage(captured: bytes, is_stream: bool, whole: bool = True) -> Usage | None:
+    """The usage of an answer: a JSON body (``whole`` False: the tail of one), or the tail of an
+    SSE stream. None when absent or unreadable."""
     if _USAGE_KEY not in captured:
         return None
     if is_stream:
         return _from_sse(captured)
-    if len(captured) > WHOLE_PARSE_BYTES:
+    if not whole or len(captured) > WHOLE_PARSE_BYTES:
         return _probe_large_json(captured)
     try:
         obj = json.loads(captured)
@@ -226,23 +240,27 @@ class Meter:
         retry_initial_s: float = 0.05,
         retry_max_s: float = 2.0,
         flush_interval_s: float = 0.1,
+        retention_days: Callable[[], int] = lambda: 400,
     ) -> None:
         self.store = store
+        self.retention_days = retention_days
         self.flush_interval_s = flush_interval_s
         self._stopped = asyncio.Event()
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
-        self._pending: dict[tuple[str, str | None], UsageDelta] = {}
-        self._writing: dict[tuple[str, str | None], UsageDelta] = {}
+        self._pending: dict[tuple[str, str | None, str], UsageDelta] = {}
+        self._writing: dict[tuple[str, str | None, str], UsageDelta] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._tokens: dict[tuple[str, str], Any] = {}
         self._cost: dict[tuple[str, str], Any] = {}
+        self._unmetered: dict[tuple[str, str], Any] = {}
 
     @property
     def pending(self) -> int:
-        """Workspace and model pairs with increments not yet written (or being written)."""
+        """Workspace, model and day entries with increments not yet written (or being
+        written)."""
         if not self._writing:
             return len(self._pending)
         return len(self._pending.keys() | self._writing.keys())
@@ -255,14 +273,24 @@ class Meter:
         model: str | None,
         result: Answer,
         pricing: Pricing,
-    ) -> None:
-        """Meter one forwarded answer. Synchronous and free of I/O; an answer without usage is
-        ignored."""
-        usage = extract_usage(result.captured, result.is_stream)
-        if usage is None:
-            return
-        cost = price(usage, model, pricing)
+    ) -> Usage | None:
+        """Meter one forwarded answer, or count it unmetered with its reason. Synchronous and
+        free of I/O."""
         label = program or "none"
+        usage: Usage | None = None
+        if not result.completed:
+            reason = "incomplete"
+        elif result.status >= 400:
+            reason = "upstream_error"
+        elif result.capture_problem is not None:
+            reason = result.capture_problem
+        else:
+            usage = extract_usage(result.captured, result.is_stream, result.capture_whole)
+            reason = "no_usage" if result.capture_whole else "too_large"
+        if usage is None:
+            self.unmetered(label, reason)
+            return None
+        cost = price(usage, model, pricing)
         for kind, n in usage.kinds():
             if n:
                 child = self._tokens.get((label, kind))
@@ -277,19 +305,28 @@ class Meter:
         delta = UsageDelta(
             1, usage.input, usage.cached_input, usage.cache_write, usage.output, cost
         )
-        self._add_pending(workspace_id, model, delta)
+        self._add_pending((workspace_id, model, day_of(time.time())), delta)
         self._wake.set()
+        return usage
 
-    def _add_pending(self, ws: str, model: str | None, delta: UsageDelta) -> None:
-        held = self._pending.get((ws, model))
+    def unmetered(self, program: str, reason: str) -> None:
+        """Count an answer whose usage could not be read (``reason`` from
+        ``metrics.UNMETERED_REASONS``)."""
+        child = self._unmetered.get((program, reason))
+        if child is None:
+            child = self._unmetered[(program, reason)] = metrics.UNMETERED.labels(program, reason)
+        child.inc()
+
+    def _add_pending(self, key: tuple[str, str | None, str], delta: UsageDelta) -> None:
+        held = self._pending.get(key)
         if held is None:
-            self._pending[(ws, model)] = delta
+            self._pending[key] = delta
         else:
             held.merge(delta)
 
-    def _restore(self, batch: dict[tuple[str, str | None], UsageDelta]) -> None:
-        for (ws, model), delta in batch.items():
-            self._add_pending(ws, model, delta)
+    def _restore(self, batch: dict[tuple[str, str | None, str], UsageDelta]) -> None:
+        for key, delta in batch.items():
+            self._add_pending(key, delta)
 
     def start(self) -> None:
         if self._task is None:
@@ -329,7 +366,7 @@ class Meter:
             batch, self._pending = self._pending, {}
             self._writing = batch
             try:
-                await self.store.add(batch)
+                await self.store.add(batch, self.retention_days())
             except asyncio.CancelledError:
                 self._restore(batch)
                 raise
@@ -359,7 +396,7 @@ class Meter:
             delay = min(delay * 2, self.retry_max_s)
 
     def _failed(
-        self, batch: dict[tuple[str, str | None], UsageDelta], exc: Exception, failing: bool
+        self, batch: dict[tuple[str, str | None, str], UsageDelta], exc: Exception, failing: bool
     ) -> bool:
         self._restore(batch)
         metrics.REDIS_ERRORS.labels("usage").inc()

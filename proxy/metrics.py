@@ -108,6 +108,20 @@ WEBSOCKET_CLOSED = Counter(
     ["product", "reason"],
 )
 
+# Why an answer was not metered; a fixed set.
+UNMETERED_REASONS = (
+    "incomplete",  # the answer did not finish: the client left or the upstream broke off
+    "upstream_error",  # the upstream answered with an error status
+    "encoding",  # compressed with an unknown coding, or corrupt
+    "too_large",  # a body past the capture limit whose tail held no usage
+    "no_usage",  # a readable answer that carries no usage
+)
+UNMETERED = Counter(
+    "access_proxy_unmetered_answers_total",
+    "Forwarded answers whose usage could not be metered, by program and reason.",
+    ["program", "reason"],
+)
+
 
 def track_inflight(read: Callable[[], float], multiprocess: bool) -> Callable[[], None] | None:
     """Make the inflight gauge read the data plane's own counter.

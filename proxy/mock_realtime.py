@@ -6,8 +6,9 @@ It answers like a realtime model server, as simply as can be: ``session.created`
 ``response.done`` (with usage) for ``response.create``, an ``error`` event for a text frame that
 is not JSON, binary frames echoed back, and any other event echoed as ``mock.echo``. Two events
 steer it: ``{"type": "mock.close", "code": 4001, "reason": "..."}`` closes with that code and
-``{"type": "mock.ping", "payload": "..."}`` sends a ping. It pongs every ping itself and records
-the pongs it receives.
+``{"type": "mock.ping", "payload": "..."}`` sends a ping; the request header
+``x-mock-first-byte-delay-ms`` holds the handshake's answer back. It pongs every ping itself and
+records the pongs it receives.
 
 Every session is recorded (``GET /_mock/realtime``): its request id, query, headers, chosen
 subprotocol, the events and pongs received, how it closed, and ``models_read``: every model name
@@ -18,6 +19,7 @@ the session could have been asked to run, read as leniently as any server might 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
@@ -100,6 +102,9 @@ class Realtime:
             "closed_at": None,
         }
         self.sessions.append(record)
+        delay_ms = request.headers.get("x-mock-first-byte-delay-ms")
+        if delay_ms:  # the handshake answer is held back, as a slow upstream would
+            await asyncio.sleep(float(delay_ms) / 1000)
         ws = web.WebSocketResponse(protocols=PROTOCOLS, autoping=False)
         await ws.prepare(request)
         record["protocol"] = ws.ws_protocol

@@ -1,9 +1,11 @@
 """An OpenAI-compatible fake model server for the demo, the tests and the benchmarks.
 
 It answers ``POST /v1/chat/completions`` and ``POST /v1/responses`` (JSON, or SSE with
-``stream: true``) and ``GET /v1/models[/{id}]`` in the shapes the official ``openai`` SDK parses,
-with deterministic ``usage`` (prompt tokens = whitespace-separated words of the prompt, cached
-and cache-write counts included).
+``stream: true``), ``POST /v1/embeddings`` and ``GET /v1/models[/{id}]`` in the shapes the
+official ``openai`` SDK parses, with deterministic ``usage`` (prompt tokens = whitespace-separated
+words of the prompt, cached and cache-write counts included). Like the real API, a chat stream
+carries usage only when asked (``stream_options.include_usage``), and then ``"usage": null`` on
+every other chunk.
 
 Its behaviour is driven by knobs, set server-wide (constructor arguments, CLI flags) or per request
 through ``x-mock-*`` request headers, so a test can steer it through the proxy:
@@ -20,6 +22,9 @@ through ``x-mock-*`` request headers, so a test can steer it through the proxy:
 ``x-mock-safety-flag``          value of the safety-flag response header (empty: none)
 ``x-mock-response-headers``     extra response headers: a JSON object or list of pairs
 ``x-mock-reply``                the assistant's text
+``x-mock-compress``             compress the answer: ``gzip``, ``deflate``, ``br``, ``zstd``
+                                or several in the order applied (``gzip, br``); a stream is
+                                flushed event by event, so it still streams
 ==============================  ===========================================================
 
 ``GET /v1/realtime?model=...`` is a WebSocket that answers like the Realtime API (see
@@ -41,13 +46,17 @@ import functools
 import itertools
 import json
 import signal
+import struct
 import sys
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
+import brotli
+import zstandard
 from aiohttp import web
 
 from proxy.mock_realtime import Realtime
@@ -85,6 +94,7 @@ class Knobs:
     safety_flag: str | None = None
     response_headers: tuple[tuple[str, str], ...] = ()
     reply: str = DEFAULT_REPLY
+    compress: tuple[str, ...] = ()
 
 
 class KnobError(ValueError):
@@ -136,6 +146,8 @@ def knobs_from_headers(defaults: Knobs, headers: Iterable[tuple[str, str]]) -> K
             changes["response_headers"] = parse_header_pairs(value)
         elif name == "x-mock-reply":
             changes["reply"] = value
+        elif name == "x-mock-compress":
+            changes["compress"] = parse_codings(value)
         else:
             raise KnobError(f"unknown mock knob: {name}")
     return replace(defaults, **changes) if changes else defaults
@@ -163,9 +175,75 @@ def parse_header_pairs(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+CODINGS: Final = ("gzip", "deflate", "br", "zstd")
+
+
+def parse_codings(text: str) -> tuple[str, ...]:
+    """``gzip, br`` -> ("gzip", "br"); every name must be one of :data:`CODINGS`."""
+    names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    for name in names:
+        if name not in CODINGS:
+            raise KnobError(f"x-mock-compress: unknown coding {name!r} (known: {CODINGS})")
+    return names
+
+
+class _Compressor:
+    """One coding applied to a body piece by piece; every piece is flushed so it can be decoded
+    on arrival (a compressed stream still streams)."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        if coding in ("gzip", "deflate"):
+            self._z = zlib.compressobj(wbits=31 if coding == "gzip" else zlib.MAX_WBITS)
+        elif coding == "br":
+            self._br = brotli.Compressor()
+        else:
+            self._zs = zstandard.ZstdCompressor().compressobj()
+
+    def piece(self, data: bytes) -> bytes:
+        if self.coding in ("gzip", "deflate"):
+            return self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
+        if self.coding == "br":
+            return bytes(self._br.process(data)) + bytes(self._br.flush())
+        return self._zs.compress(data) + self._zs.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+    def end(self) -> bytes:
+        if self.coding in ("gzip", "deflate"):
+            return self._z.flush()
+        if self.coding == "br":
+            return bytes(self._br.finish())
+        return self._zs.flush()
+
+
+class Compression:
+    """Several codings in the order applied (the first one is applied first)."""
+
+    def __init__(self, codings: Sequence[str]) -> None:
+        self.codings = tuple(codings)
+        self._stages = [_Compressor(coding) for coding in codings]
+
+    @property
+    def header(self) -> str:
+        return ", ".join(self.codings)
+
+    def piece(self, data: bytes) -> bytes:
+        for stage in self._stages:
+            data = stage.piece(data)
+        return data
+
+    def end(self) -> bytes:
+        data = b""
+        for stage in self._stages:
+            data = stage.piece(data) + stage.end() if data else stage.end()
+        return data
+
+    def whole(self, data: bytes) -> bytes:
+        return self.piece(data) + self.end()
+
+
 @dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts of one answer."""
+class ReportedUsage:
+    """The token counts the mock reports for one answer, in the upstream's own names."""
 
     prompt_tokens: int
     cached_tokens: int
@@ -209,9 +287,9 @@ class Usage:
         }
 
 
-def usage_for(knobs: Knobs, prompt_words: int) -> Usage:
+def usage_for(knobs: Knobs, prompt_words: int) -> ReportedUsage:
     """Deterministic usage: counted words unless a knob overrides a number."""
-    return Usage(
+    return ReportedUsage(
         prompt_tokens=prompt_words if knobs.prompt_tokens is None else knobs.prompt_tokens,
         cached_tokens=knobs.cached_tokens or 0,
         cache_write_tokens=knobs.cache_write_tokens or 0,
@@ -262,7 +340,7 @@ def _json_bytes(value: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)
-def _chat_usage_bytes(usage: Usage) -> bytes:
+def _chat_usage_bytes(usage: ReportedUsage) -> bytes:
     return json.dumps(usage.chat(), separators=(",", ":")).encode()
 
 
@@ -410,6 +488,7 @@ class MockUpstream:
         safety_flag: str | None = None,
         response_headers: Iterable[tuple[str, str]] = (),
         reply: str = DEFAULT_REPLY,
+        compress: Sequence[str] = (),
         safety_flag_header: str = DEFAULT_SAFETY_FLAG_HEADER,
         max_recorded: int = 1000,
     ) -> None:
@@ -428,6 +507,7 @@ class MockUpstream:
             safety_flag=safety_flag,
             response_headers=tuple(response_headers),
             reply=reply,
+            compress=parse_codings(",".join(compress)),
         )
         self.safety_flag_header = safety_flag_header
         self.max_recorded = max_recorded
@@ -554,6 +634,7 @@ class MockUpstream:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._guarded(self._chat_completions))
         app.router.add_post("/v1/responses", self._guarded(self._responses))
+        app.router.add_post("/v1/embeddings", self._guarded(self._embeddings))
         app.router.add_get("/v1/models", self._guarded(self._list_models))
         app.router.add_get("/v1/models/{model_id}", self._guarded(self._get_model))
         app.router.add_get("/_mock/requests", self._get_requests)
@@ -587,7 +668,14 @@ class MockUpstream:
                         error_body(knobs.status, message, "mock_error"),
                         self._extra_headers(knobs),
                     )
-                return await answer(request, body, knobs, exchange)
+                response = await answer(request, body, knobs, exchange)
+                if knobs.compress and isinstance(response, web.Response) and response.body:
+                    raw = response.body
+                    assert isinstance(raw, bytes)
+                    compression = Compression(knobs.compress)
+                    response.body = compression.whole(raw)
+                    response.headers["Content-Encoding"] = compression.header
+                return response
             except asyncio.CancelledError:
                 transport = request.transport
                 if transport is None or transport.is_closing():
@@ -774,6 +862,9 @@ class MockUpstream:
         response = web.StreamResponse(
             status=status, headers=[*_SSE_HEADERS, *self._extra_headers(knobs)]
         )
+        compression = Compression(knobs.compress) if knobs.compress else None
+        if compression is not None:
+            response.headers["Content-Encoding"] = compression.header
         await response.prepare(request)
         exchange.phase = "stream"
         delay = knobs.chunk_delay_ms / 1000
@@ -781,11 +872,43 @@ class MockUpstream:
             for data in events:
                 if delay > 0 and exchange.events_sent:
                     await asyncio.sleep(delay)
-                await response.write(data)
+                await response.write(data if compression is None else compression.piece(data))
                 exchange.events_sent += 1
+            if compression is not None:
+                await response.write(compression.end())
         except ConnectionError:
             self._note_disconnect(exchange)
         return response
+
+    async def _embeddings(
+        self, request: web.Request, body: bytes, knobs: Knobs, exchange: _Exchange
+    ) -> web.StreamResponse:
+        try:
+            payload = self._payload(body)
+        except KnobError as exc:
+            return self._json(400, error_body(400, str(exc)), ())
+        inputs = payload.get("input")
+        texts: list[Any] = inputs if isinstance(inputs, list) else [inputs]
+        words = 0
+        for text in texts:  # a string, or a list of token ids
+            words += len(text) if isinstance(text, list) else _words(text)
+        as_base64 = payload.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(texts):
+            seed = zlib.crc32(str(text).encode())
+            vector = [((seed >> shift) % 1000) / 1000.0 for shift in range(0, 32, 4)]
+            value: Any = vector
+            if as_base64:
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        prompt = words if knobs.prompt_tokens is None else knobs.prompt_tokens
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": payload["model"],
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }
+        return self._json(knobs.status or 200, _dumps(answer), self._extra_headers(knobs))
 
     async def _list_models(
         self, request: web.Request, body: bytes, knobs: Knobs, exchange: _Exchange
@@ -890,6 +1013,7 @@ def _parser() -> argparse.ArgumentParser:
         help="extra response header (repeatable)",
     )
     parser.add_argument("--reply", default=DEFAULT_REPLY)
+    parser.add_argument("--compress", default="", help="e.g. 'gzip' or 'zstd' (see knobs)")
     parser.add_argument("--max-recorded", type=int, default=1000)
     return parser
 
@@ -913,6 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         safety_flag=args.safety_flag,
         response_headers=args.response_header,
         reply=args.reply,
+        compress=[args.compress] if args.compress else [],
         safety_flag_header=args.safety_flag_header,
         max_recorded=args.max_recorded,
     )

@@ -127,7 +127,10 @@ class Proxy:
             on_upstream_headers=self.flags.on_upstream_headers,
             websocket=self.sessions,
         )
-        self.meter = Meter(UsageStore(self.data_redis))
+        self.meter = Meter(
+            UsageStore(self.data_redis),
+            retention_days=lambda: self.holder.current.config.usage.retention_days,
+        )
         self.meter.start()
         self.dataplane = DataPlane(
             self.holder, self.entitlements, self.peppers, self.session, hooks, self.meter

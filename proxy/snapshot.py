@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from yarl import URL
-
 from proxy import env
 from proxy.config import Config
 
@@ -20,7 +18,6 @@ from proxy.config import Config
 @dataclass(frozen=True)
 class Snapshot:
     config: Config
-    upstream_urls: Mapping[str, URL]
     upstream_keys: Mapping[str, str | None]
     strip_response_headers: frozenset[str]
     host_routes: bool  # whether any route matches on the Host header
@@ -29,7 +26,6 @@ class Snapshot:
     def of(cls, cfg: Config) -> Snapshot:
         return cls(
             config=cfg,
-            upstream_urls=MappingProxyType({n: URL(u.url) for n, u in cfg.upstreams.items()}),
             upstream_keys=MappingProxyType(
                 {n: env.secret(u.api_key_env) for n, u in cfg.upstreams.items()}
             ),

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,7 +32,7 @@ from proxy.policy.standing import Flag, Standing, StandingView, evaluate_standin
 from proxy.snapshot import Holder
 from proxy.store.audit import read_entries
 from proxy.store.schema import AUDIT_HEAD
-from proxy.store.usage import UsageStore
+from proxy.store.usage import UsageStore, day_of, days_between, sum_views
 from proxy.store.writes import (
     Actor,
     Conflict,
@@ -46,6 +46,7 @@ from proxy.store.writes import (
 
 PREFIX = "/admin/v1"
 MAX_AUDIT_PAGE = 1000
+MAX_USAGE_DAYS = 1000
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _SUBJECT = re.compile(r"(org|workspace):(.+)")
@@ -163,6 +164,18 @@ def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _day_param(q: dict[str, str], name: str, default: str) -> str:
+    if name not in q:
+        return default
+    value = q[name]
+    try:
+        if len(value) == 10:
+            return date.fromisoformat(value).isoformat()
+    except ValueError:
+        pass
+    raise ApiError("invalid_body", f"{name} must be a UTC day, YYYY-MM-DD", name)
+
+
 def _int_param(q: dict[str, str], name: str, default: int, low: int, high: int) -> int:
     if name not in q:
         return default
@@ -173,6 +186,12 @@ def _int_param(q: dict[str, str], name: str, default: int, low: int, high: int) 
     if not low <= value <= high:
         raise ApiError("invalid_body", f"{name} must be between {low} and {high}", name)
     return value
+
+
+def _account_representative(value: Any) -> str | None:
+    if value is None:
+        return None
+    return _check_text(value, "account_representative", 200).strip()
 
 
 def _subject(value: Any) -> str:
@@ -280,11 +299,33 @@ class AdminAPI:
 
     async def create_org(self, request: web.Request) -> web.Response:
         _, actor = self._need(request, "operator")
-        body = await _body(request, ("id",), ("name",))
+        body = await _body(request, ("id",), ("name", "account_representative"))
         org_id = _check_id(body["id"], "id")
         name = _check_name(body.get("name", ""), "name")
-        org = await self.writes.create_org(actor, org_id, name)
+        rep = _account_representative(body.get("account_representative"))
+        org = await self.writes.create_org(actor, org_id, name, rep)
         return web.json_response(org_dict(org), status=201)
+
+    async def get_org(self, request: web.Request) -> web.Response:
+        self._need(request, "read")
+        org_id = request.match_info["org"]
+        org = await self.writes.org(org_id)
+        if org is None:
+            raise NotFound(f"org {org_id} not found")
+        return web.json_response(org_dict(org))
+
+    async def patch_org(self, request: web.Request) -> web.Response:
+        _, actor = self._need(request, "operator")
+        body = await _body(request, (), ("account_representative",))
+        if "account_representative" not in body:
+            raise ApiError(
+                "invalid_body",
+                "account_representative is required (null clears it)",
+                "account_representative",
+            )
+        rep = _account_representative(body["account_representative"])
+        org = await self.writes.set_account_representative(actor, request.match_info["org"], rep)
+        return web.json_response(org_dict(org))
 
     async def org_suspension(self, request: web.Request) -> web.Response:
         _, actor = self._need(request, "operator")
@@ -374,7 +415,13 @@ class AdminAPI:
             expires_at = parse_time(body["expires_at"], "expires_at")
         try:
             grant = await self.writes.create_grant(
-                actor, program, product, subject, models, expires_at
+                actor,
+                program,
+                product,
+                subject,
+                models,
+                expires_at,
+                cfg.programs[program].eligibility.requires_account_representative,
             )
         except Conflict as exc:
             return _error("conflict", exc.message, None, grant_id=exc.existing_id)
@@ -434,7 +481,7 @@ class AdminAPI:
         cfg, actor = self._need(request, "operator")
         body = await _body(request, ("reason",), ())
         reason = _check_text(body["reason"], "reason")
-        grant = await self.writes.set_grant_flag(
+        grant = await self.writes.apply_grant_action(
             actor, request.match_info["grant_id"], request.match_info["action"], reason
         )
         return web.json_response(grant_view(grant, cfg, time.time()))
@@ -501,13 +548,34 @@ class AdminAPI:
     # usage -----------------------------------------------------------------------
 
     async def get_usage(self, request: web.Request) -> web.Response:
-        self._need(request, "read")
-        _query(request, ())
+        """All-time totals; with ``from`` and/or ``to`` (UTC days, ``YYYY-MM-DD``, both
+        included; ``to`` defaults to today, ``from`` to ``to``) the sum over those days and each
+        day."""
+        cfg, _ = self._need(request, "read")
+        q = _query(request, ("from", "to"))
         ws_id = request.match_info["ws"]
         if await self.writes.workspace(ws_id) is None:
             raise NotFound(f"workspace {ws_id} not found")
-        totals = await (self.ctx.usage or UsageStore(self.redis)).read(ws_id)
-        return web.json_response({"workspace": ws_id, **totals})
+        store = self.ctx.usage or UsageStore(self.redis)
+        if not q:
+            return web.json_response({"workspace": ws_id, **await store.read(ws_id)})
+        last = _day_param(q, "to", day_of(time.time()))
+        first = _day_param(q, "from", last)
+        if first > last:
+            raise ApiError("invalid_body", "from must not be after to", "from")
+        days = days_between(first, last)
+        if len(days) > MAX_USAGE_DAYS:
+            raise ApiError("invalid_body", f"at most {MAX_USAGE_DAYS} days at once", "from")
+        per_day = await store.read_days(ws_id, days)
+        answer = {
+            "workspace": ws_id,
+            "from": first,
+            "to": last,
+            "retention_days": cfg.usage.retention_days,
+            **sum_views(per_day),
+            "days": per_day,
+        }
+        return web.json_response(answer)
 
     # config ----------------------------------------------------------------------
 
@@ -577,6 +645,8 @@ def admin_app(ctx: AdminContext) -> web.Application:
     app = web.Application(middlewares=[api.middleware], client_max_size=1024 * 1024)
     p = PREFIX
     app.router.add_post(f"{p}/orgs", api.create_org)
+    app.router.add_get(f"{p}/orgs/{{org}}", api.get_org)
+    app.router.add_patch(f"{p}/orgs/{{org}}", api.patch_org)
     app.router.add_post(f"{p}/orgs/{{org}}/{{action:suspend|reinstate}}", api.org_suspension)
     app.router.add_post(f"{p}/workspaces", api.create_workspace)
     app.router.add_post(

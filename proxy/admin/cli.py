@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,8 +105,21 @@ def orgs_create(c: AdminClient, a: argparse.Namespace) -> Output:
     body: dict[str, Any] = {"id": a.id}
     if a.name is not None:
         body["name"] = a.name
+    if a.account_rep is not None:
+        body["account_representative"] = a.account_rep
     data = c.call("POST", "/orgs", body)
     return Output(data, "created org\n" + pairs(data))
+
+
+def orgs_show(c: AdminClient, a: argparse.Namespace) -> Output:
+    data = c.call("GET", f"/orgs/{seg(a.id)}")
+    return Output(data, pairs(data))
+
+
+def orgs_account_rep(c: AdminClient, a: argparse.Namespace) -> Output:
+    rep = getattr(a, "representative", None)
+    data = c.call("PATCH", f"/orgs/{seg(a.id)}", {"account_representative": rep})
+    return Output(data, pairs(data))
 
 
 def orgs_suspension(c: AdminClient, a: argparse.Namespace) -> Output:
@@ -275,9 +289,32 @@ def usage_text(data: dict[str, Any]) -> str:
     return f"workspace  {data.get('workspace')}\n" + table(rows, columns)
 
 
+def usage_days_text(data: dict[str, Any]) -> str:
+    rows = [{"day": day.get("date"), **day} for day in data.get("days") or []]
+    rows.append({"day": "(sum)", **data})
+    for row in rows:
+        row.update(row.get("tokens") or {})
+        row["cost_usd"] = f"{float(row.get('cost_usd') or 0):.6f}"
+    columns = (
+        ("day", "day"),
+        ("requests", "requests"),
+        ("input", "input"),
+        ("cached_input", "cached_input"),
+        ("cache_write", "cache_write"),
+        ("output", "output"),
+        ("cost_usd", "cost_usd"),
+    )
+    head = f"workspace  {data.get('workspace')}  {data.get('from')} .. {data.get('to')} (UTC)"
+    return head + "\n" + table(rows, columns)
+
+
 def usage_show(c: AdminClient, a: argparse.Namespace) -> Output:
-    data = c.call("GET", f"/workspaces/{seg(a.workspace)}/usage")
-    return Output(data, usage_text(data))
+    query = {k: v for k, v in (("from", a.since), ("to", a.until)) if v}
+    path = f"/workspaces/{seg(a.workspace)}/usage"
+    if query:
+        path += "?" + urllib.parse.urlencode(query)
+    data = c.call("GET", path)
+    return Output(data, usage_days_text(data) if query else usage_text(data))
 
 
 def config_reload(c: AdminClient, a: argparse.Namespace) -> Output:
@@ -372,6 +409,19 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     p = leaf(orgs, "create", orgs_create, "create an org")
     p.add_argument("id")
     p.add_argument("--name")
+    p.add_argument("--account-rep", help="the org's account representative (eligibility, SPEC §4)")
+    p = leaf(orgs, "show", orgs_show, "show an org")
+    p.add_argument("id")
+    p = leaf(orgs, "set-account-rep", orgs_account_rep, "set the org's account representative")
+    p.add_argument("id")
+    p.add_argument("representative")
+    p = leaf(
+        orgs,
+        "clear-account-rep",
+        orgs_account_rep,
+        "clear the account representative (grants stay)",
+    )
+    p.add_argument("id")
     for action in ("suspend", "reinstate"):
         p = leaf(orgs, action, orgs_suspension, f"{action} an org", action=action)
         p.add_argument("id")
@@ -457,8 +507,15 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     usage = groups.add_parser("usage", help="usage and cost").add_subparsers(
         dest="admin_cmd", metavar="COMMAND", required=True
     )
-    p = leaf(usage, "show", usage_show, "a workspace's tokens, requests and cost, per model")
+    p = leaf(
+        usage,
+        "show",
+        usage_show,
+        "a workspace's tokens, requests and cost: in all per model, or per UTC day",
+    )
     p.add_argument("workspace")
+    p.add_argument("--from", dest="since", metavar="YYYY-MM-DD", help="first UTC day")
+    p.add_argument("--to", dest="until", metavar="YYYY-MM-DD", help="last UTC day (default today)")
 
     cfg = groups.add_parser("config", help="the proxy's config").add_subparsers(
         dest="admin_cmd", metavar="COMMAND", required=True

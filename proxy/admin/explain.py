@@ -12,9 +12,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from proxy.config import Config
+from proxy.config import Config, Program
 from proxy.errors import CODES
 from proxy.policy import Decision, Facts, Grant, RequestInfo, decide
+from proxy.policy.eligibility import org_eligible
+from proxy.policy.facts import Org
 from proxy.policy.grants import grant_state, missing_approvals
 from proxy.policy.standing import evaluate_standing
 from proxy.store import schema
@@ -82,6 +84,20 @@ def _key_view(rec: KeyRecord | None) -> dict[str, Any] | None:
     return {"key_id": rec.key_id, "workspace_id": rec.workspace_id, "revoked": rec.revoked}
 
 
+def _eligibility(program: Program | None, org: Org | None, has_grant: bool) -> dict[str, Any]:
+    """Whether the subject's org may be granted the program now (SPEC §4), and whether an
+    existing grant outlived a representative cleared after it was made."""
+    required = program is not None and program.eligibility.requires_account_representative
+    eligible = org_eligible(required, org)
+    out: dict[str, Any] = {"requires_account_representative": required, "org_eligible": eligible}
+    if has_grant and not eligible:
+        out["note"] = (
+            "the grant predates the org losing its account representative; it stays in force, "
+            "subject to review, but a new grant could not be requested"
+        )
+    return out
+
+
 def _answer(
     cfg: Config,
     now: float,
@@ -133,7 +149,16 @@ def explain_facts(
     fact_view: dict[str, Any] = {
         "key": _key_view(key),
         "workspace": {"id": ws.workspace_id, "org_id": ws.org_id, "suspended": ws.suspended},
-        "org": {"id": org.org_id, "suspended": org.suspended} if org is not None else None,
+        "org": (
+            {
+                "id": org.org_id,
+                "suspended": org.suspended,
+                "account_representative": org.account_representative,
+            }
+            if org is not None
+            else None
+        ),
+        "eligibility": _eligibility(program, org, deciding is not None),
         "standing": {
             "score": view.score,
             "tier": view.tier_name,

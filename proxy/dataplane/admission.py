@@ -55,4 +55,16 @@ class Admitter:
         async def release() -> None:
             await limiter.release(result)
 
-        return Admission(headers=headers, release=release if result.slot is not None else None)
+        on_tokens = None
+        tpm = limit.tokens_per_minute
+        if tpm:
+            ws = facts.workspace.workspace_id
+
+            def on_tokens(tokens: int) -> None:
+                limiter.consume(ws, program, tokens, tpm)
+
+        return Admission(
+            headers=headers,
+            release=release if result.slot is not None else None,
+            on_tokens=on_tokens,
+        )

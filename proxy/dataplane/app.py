@@ -25,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import identity, metrics
 from proxy.dataplane import headers as hdrs
 from proxy.dataplane.forward import UpstreamError, client_timeout, forward
+from proxy.dataplane.usage_stream import wants_usage_added, with_usage_asked
 from proxy.errors import CODES, DEFAULT_BODIES, error_json
 from proxy.metering import Meter
 from proxy.policy import Decision, RequestInfo, decide
@@ -56,6 +57,7 @@ class Admission:
     refused: web.StreamResponse | None = None
     headers: Mapping[str, str] | None = None  # set on the response before its first byte
     release: Callable[[], Awaitable[None]] | None = None  # run when the request ends
+    on_tokens: Callable[[int], None] | None = None  # the metered tokens of the answer
 
 
 ADMITTED = Admission()
@@ -148,11 +150,14 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def model_of(method: str, upstream_path: str, body: bytes, content_type: str) -> str | None:
-    """The model a request names: the JSON body's ``model``, or the id in /v1/models/{id}."""
+def model_of(
+    method: str, upstream_path: str, body: bytes, content_type: str
+) -> tuple[str | None, Any]:
+    """The model a request names (the JSON body's ``model``, or the id in /v1/models/{id}) and
+    the parsed body (None when not JSON)."""
     if method in _BODY_METHODS and (body or content_type == _JSON):
         if content_type not in ("", _JSON) and not content_type.endswith("+json"):
-            return None  # multipart uploads and the like name no model
+            return None, None  # multipart uploads and the like name no model
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -160,10 +165,10 @@ def model_of(method: str, upstream_path: str, body: bytes, content_type: str) ->
         model = doc.get("model") if isinstance(doc, dict) else None
         if not isinstance(model, str) or not model:
             raise BodyError("invalid_request", "The request must name a model.")
-        return model
+        return model, doc
     if upstream_path.startswith(_MODELS_PREFIX) and method == "GET":
-        return upstream_path[len(_MODELS_PREFIX) :].split("?", 1)[0] or None
-    return None
+        return upstream_path[len(_MODELS_PREFIX) :].split("?", 1)[0] or None, None
+    return None, None
 
 
 class DataPlane:
@@ -252,13 +257,14 @@ class DataPlane:
         websocket = self.hooks.websocket if hdrs.is_websocket_upgrade(request) else None
         body = b""
         model: str | None = None
+        doc: Any = None
         body_error: BodyError | None = None
         try:
             body = await read_body(request, cfg.limits.max_body_bytes)
             if websocket is not None:
                 model = websocket.model_of(request)
             else:
-                model = model_of(request.method, upstream_path, body, request.content_type)
+                model, doc = model_of(request.method, upstream_path, body, request.content_type)
         except BodyError as exc:
             body_error = exc
 
@@ -286,6 +292,12 @@ class DataPlane:
                 body_error.message if body_error and decision.code == body_error.code else None
             )
             return deny_response(decision.code, rid, message, extra)
+
+        hide_usage = False
+        if self.meter is not None and wants_usage_added(request.method, upstream_path, doc):
+            asked = with_usage_asked(body, doc)
+            if asked is not None:
+                body, hide_usage = asked, True
 
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
@@ -324,6 +336,8 @@ class DataPlane:
                 product,
                 program,
                 started,
+                hide_usage,
+                admission.on_tokens,
             )
         finally:
             if admission.release is not None:
@@ -406,6 +420,8 @@ class DataPlane:
         product: str,
         program: str,
         started: float,
+        hide_usage: bool,
+        on_tokens: Callable[[int], None] | None,
     ) -> web.StreamResponse:
         cfg = snap.config
         upstream = cfg.upstreams[upstream_name]
@@ -442,20 +458,30 @@ class DataPlane:
                 extra_response_headers=response_headers,
                 strip_response_headers=snap.strip_response_headers,
                 on_upstream_headers=on_headers,
+                hide_usage=hide_usage,
             )
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler): the request had gone upstream.
+            if self.meter is not None:
+                self.meter.unmetered(program, "incomplete")
+            raise
         except UpstreamError as exc:
+            if exc.answered and self.meter is not None:
+                self.meter.unmetered(program, "incomplete")
             self._count(product, program, exc.code, started)
             return deny_response(exc.code, rid)
         ttfb = self._ttfb.get(upstream_name)
         if ttfb is None:
             ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
         ttfb.observe(result.ttfb_seconds)
-        if self.meter is not None and result.completed:
+        if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
             # (a small body goes out when this returns, after one JSON parse).
-            self.meter.record(
+            usage = self.meter.record(
                 facts.workspace.workspace_id, program, product, model, result, cfg.pricing
             )
+            if usage is not None and on_tokens is not None:
+                on_tokens(usage.prompt + usage.output)
         self._count(product, program, "ok", started)
         return result.response
 

@@ -40,12 +40,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import Timeouts, Upstream
+from proxy.dataplane.capture import Capture
+from proxy.dataplane.codings import DecodeError
 from proxy.dataplane.headers import copy_response_headers
+from proxy.dataplane.usage_stream import UsageHider
 
-SSE_CAPTURE_BYTES = 64 * 1024
 # A non-streamed body up to this size, with a known length, is relayed in one write.
 WHOLE_BODY_BYTES = 64 * 1024
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 
 # Headers the client library would otherwise invent; the client's own pass through unchanged.
 _SKIP_AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
@@ -54,9 +55,10 @@ _SKIP_AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.C
 class UpstreamError(Exception):
     """The upstream could not be reached or did not answer in time, before any response byte."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, answered: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.answered = answered  # the upstream had started answering (tokens may be spent)
 
 
 @dataclass(slots=True)
@@ -65,10 +67,12 @@ class ForwardResult:
     status: int
     content_type: str
     is_stream: bool
-    captured: bytes
+    captured: bytes  # the meter's decoded side copy (see ``proxy.dataplane.capture``)
     bytes_sent: int
     ttfb_seconds: float
     completed: bool
+    capture_whole: bool = True  # False: ``captured`` is the tail of a large body
+    capture_problem: str | None = None  # why the copy cannot be read (an unmetered reason)
 
 
 def make_session(*, limit: int = 0, keepalive_timeout: float = 30.0) -> aiohttp.ClientSession:
@@ -100,28 +104,6 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     )
 
 
-def _after_first_event(buf: bytearray) -> int:
-    ends = [i + len(sep) for sep in _EVENT_ENDS if (i := buf.find(sep)) >= 0]
-    return min(ends) if ends else len(buf)
-
-
-def _after_last_event(buf: bytearray) -> int:
-    ends = [i + len(sep) for sep in _EVENT_ENDS if (i := buf.rfind(sep)) >= 0]
-    return max(ends) if ends else 0
-
-
-def _sse_tail(tail: bytearray, trimmed: bool) -> bytes:
-    """The complete events at the end of an SSE capture, at most ``SSE_CAPTURE_BYTES``."""
-    if len(tail) > SSE_CAPTURE_BYTES:
-        del tail[: len(tail) - SSE_CAPTURE_BYTES]
-        trimmed = True
-    if trimmed:
-        # The front was cut, maybe inside an event: start at the next event.
-        del tail[: _after_first_event(tail)]
-    del tail[_after_last_event(tail) :]
-    return bytes(tail)
-
-
 def _abort_client(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
@@ -140,12 +122,14 @@ async def forward(
     strip_response_headers: frozenset[str],
     on_upstream_headers: Callable[[CIMultiDictProxy[str]], None] | None,
     capture_limit: int = 1 << 20,
+    hide_usage: bool = False,
 ) -> ForwardResult:
     """Send the request to ``upstream`` and stream its answer to the client.
 
     ``url_path`` is the already rewritten, still percent-encoded path with its query string.
-    Returns a prepared response the handler must return. Raises :class:`UpstreamError` when
-    nothing has been sent to the client yet.
+    ``hide_usage``: the proxy asked for the usage of this chat stream, so a successful SSE answer
+    goes through :class:`UsageHider`. Returns a prepared response the handler must return.
+    Raises :class:`UpstreamError` when nothing has been sent to the client yet.
     """
     timeouts = upstream.timeouts
     started = time.monotonic()
@@ -187,83 +171,109 @@ async def forward(
 
         content_type = upstream_headers.get(hdrs.CONTENT_TYPE, "")
         is_stream = content_type.lower().startswith("text/event-stream")
-        # Capture a JSON body only if it fits; for SSE keep a bounded tail.
-        capturing = True
+        encoding = upstream_headers.get(hdrs.CONTENT_ENCODING)
+        capture = Capture(is_stream, encoding, capture_limit)
+        hider: UsageHider | None = None
+        if hide_usage and is_stream and status == 200:
+            side = Capture(True, None, capture_limit)
+            try:
+                hider = UsageHider(encoding, side.feed)
+            except DecodeError:
+                pass  # an unknown coding: relayed as sent, and counted unreadable
+            else:
+                # The edited stream goes out uncompressed and framed again by this server.
+                capture = side
+                response.headers.popall(hdrs.CONTENT_ENCODING, None)
+                response.headers.popall(hdrs.CONTENT_LENGTH, None)
+
         declared = upstream_resp.content_length
-        if not is_stream and declared is not None and declared > capture_limit:
-            capturing = False
-        if not is_stream and declared is not None and declared <= WHOLE_BODY_BYTES:
-            # A small body of known length is usually in hand already: answer it in one write.
+        small = declared is not None and declared <= WHOLE_BODY_BYTES
+        if hider is None and not is_stream and small:
+            # A small body of known length is usually in hand already: answer it in one
+            # write.
             try:
                 whole = await content.read()
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise UpstreamError("upstream_timeout", "upstream stalled mid-body") from exc
-            if len(whole) == declared:
-                response = web.Response(
-                    status=status, reason=upstream_resp.reason, body=whole, headers=response.headers
+                raise UpstreamError(
+                    "upstream_timeout", "upstream stalled mid-body", answered=True
+                ) from exc
+            if len(whole) != declared:
+                raise UpstreamError(
+                    "upstream_unavailable", "upstream closed mid-body", answered=True
                 )
-                completed = True
-                captured = whole if declared <= capture_limit else b""
-                return ForwardResult(
-                    response, status, content_type, False, captured, declared, ttfb, True
-                )
-            raise UpstreamError("upstream_unavailable", "upstream closed mid-body")
-        parts: list[bytes] = []
-        tail = bytearray()
-        trimmed = False
-        captured_len = 0
-        bytes_sent = 0
+            response = web.Response(
+                status=status, reason=upstream_resp.reason, body=whole, headers=response.headers
+            )
+            completed = True
+            capture.feed(whole)
+            return _result(response, status, content_type, capture, len(whole), ttfb, True)
 
         try:
             await response.prepare(request)
         except ConnectionError:
-            return ForwardResult(
-                response, status, content_type, is_stream, b"", 0, ttfb, completed=False
-            )
-
-        while True:
-            try:
-                chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                # Upstream went silent past idle_s or broke off mid-body.
-                _abort_client(request)
-                break
-            if not chunk:
-                try:
-                    await response.write_eof()
-                except ConnectionError:
-                    break
-                completed = True
-                break
-            try:
-                await response.write(chunk)
-            except ConnectionError:
-                break
-            bytes_sent += len(chunk)
-            if is_stream:
-                tail += chunk
-                if len(tail) > 2 * SSE_CAPTURE_BYTES:
-                    del tail[: len(tail) - SSE_CAPTURE_BYTES]
-                    trimmed = True
-            elif capturing:
-                captured_len += len(chunk)
-                if captured_len > capture_limit:
-                    capturing = False
-                    parts.clear()
-                else:
-                    parts.append(chunk)
-
-        if is_stream:
-            captured = _sse_tail(tail, trimmed)
-        elif capturing and completed:
-            captured = b"".join(parts)
-        else:
-            captured = b""
-        return ForwardResult(
-            response, status, content_type, is_stream, captured, bytes_sent, ttfb, completed
-        )
+            return _result(response, status, content_type, capture, 0, ttfb, False)
+        bytes_sent, completed = await _relay(request, content, response, capture, hider)
+        return _result(response, status, content_type, capture, bytes_sent, ttfb, completed)
     finally:
         if completed:
             upstream_resp.release()
         else:
             upstream_resp.close()
+
+
+def _result(
+    response: web.StreamResponse,
+    status: int,
+    content_type: str,
+    capture: Capture,
+    bytes_sent: int,
+    ttfb: float,
+    completed: bool,
+) -> ForwardResult:
+    captured = capture.finish(completed)
+    return ForwardResult(
+        response,
+        status,
+        content_type,
+        capture.is_stream,
+        captured,
+        bytes_sent,
+        ttfb,
+        completed,
+        capture.whole,
+        capture.problem,
+    )
+
+
+async def _relay(
+    request: web.BaseRequest,
+    content: aiohttp.StreamReader,
+    response: web.StreamResponse,
+    capture: Capture,
+    hider: UsageHider | None,
+) -> tuple[int, bool]:
+    """Copy the upstream body to the client chunk by chunk: (bytes sent, completed)."""
+    bytes_sent = 0
+    while True:
+        try:
+            chunk = await content.readany()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            # Upstream went silent past idle_s or broke off mid-body.
+            _abort_client(request)
+            return bytes_sent, False
+        try:
+            out = chunk if hider is None else hider.feed(chunk) if chunk else hider.finish()
+        except DecodeError:
+            _abort_client(request)
+            return bytes_sent, False
+        try:
+            if out:
+                await response.write(out)
+            if not chunk:
+                await response.write_eof()
+                return bytes_sent + len(out), True
+        except ConnectionError:
+            return bytes_sent, False
+        bytes_sent += len(out)
+        if hider is None:
+            capture.feed(chunk)

@@ -58,7 +58,7 @@ TRY_AGAIN_CLOSE = 1013  # RFC 6455: try again later (facts unavailable)
 _MAX_SWEEP_S = 1.0
 _CLOSE_TIMEOUT_S = 5.0
 # Close codes that name a state, not a code a peer may send (RFC 6455 §7.4.1).
-_UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
+_UNSENDABLE = {1004: 1000, 1005: 1000, 1006: 1011, 1015: 1011}
 _QUERY_SPLITS = (re.compile("&"), re.compile("[&;]"))
 _SUBPROTOCOL_KEY = hdrs.SUBPROTOCOL_KEY_PREFIX
 
@@ -134,9 +134,12 @@ def error_event(code: str, message: str | None = None, event_id: Any = None) -> 
 
 
 def _sendable(code: int | None) -> int:
-    if code is None:
+    """A close code this side may send for the one the other side sent (or its state)."""
+    if code is None or code in (0, 1005):
         return 1000
-    return _UNSENDABLE.get(code, code)
+    if code in _UNSENDABLE:
+        return _UNSENDABLE[code]
+    return code if 1000 <= code <= 1014 or 3000 <= code <= 4999 else 1000
 
 
 def _upstream_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
@@ -208,6 +211,7 @@ class Sessions:
         self._by_fact: dict[str, set[Session]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._gauges: dict[str, Any] = {}
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,7 +219,8 @@ class Sessions:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="websocket-sweep")
 
     async def stop(self) -> None:
-        """End every open session (close 1001, going away) and the sweep."""
+        """End every open session (close 1001, going away), and any opened from now on."""
+        self._stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -395,6 +400,11 @@ class Sessions:
         count("ok")
         self._register(s)
         try:
+            if self._stopping:  # upgraded while the listener drains
+                await self._end(s, "shutdown", 1001, None)
+            # A signal that arrived between the decision and now found no session to end:
+            # decide once more (no Redis round trip while the facts are cached and fresh).
+            self._schedule(s)
             await self._pump_both(s)
         finally:
             self._unregister(s)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from proxy.config import Config, Program, RateLimit
 from proxy.policy.facts import Facts
-from proxy.policy.grants import Grant, is_enabled_at, is_expired_at, missing_approvals
+from proxy.policy.grants import ANSWER, Grant, GrantState, grant_state, missing_approvals
 from proxy.policy.standing import StandingView, evaluate_standing
 
 
@@ -54,116 +54,25 @@ def scaled(limit: RateLimit, factor: float) -> RateLimit:
         burst=max(0, int(limit.burst * factor)),
         concurrent=max(1, int(limit.concurrent * factor)),
         shadow=limit.shadow,
+        tokens_per_minute=(
+            None
+            if limit.tokens_per_minute is None
+            else max(1, int(limit.tokens_per_minute * factor))
+        ),
     )
 
 
 def decide(facts: Facts, cfg: Config, req: RequestInfo, now: float) -> Decision:
-    ws = facts.workspace
     view = evaluate_standing(facts.standing, cfg.misuse, now)
-
-    # Row 3: the workspace, its org, or its misuse standing is suspended.
-    if ws.suspended:
-        return _deny("workspace_suspended", "workspace.suspended", "suspended by an operator")
-    if facts.org is not None and facts.org.suspended:
-        return _deny("workspace_suspended", "org.suspended", f"org {ws.org_id} is suspended")
-    if view.suspended:
-        return _deny(
-            "workspace_suspended",
-            "misuse.suspended",
-            f"misuse score {view.score} reached tier suspended",
-            standing=view,
-        )
-
-    # Row 4: the body, read before the call.
-    if req.body_error is not None:
+    denied = _suspension(facts, view)  # row 3
+    if denied is not None:
+        return denied
+    if req.body_error is not None:  # row 4: the body, read before the call
         return _deny(req.body_error, "request.body", req.body_error_message or req.body_error)
-
-    program: Program | None = None
-    grant: Grant | None = None
-    rule, detail = "request.no_model", "the request names no model"
-    if req.model is not None:
-        name = cfg.program_of_model.get(req.model)
-        if name is None:
-            if cfg.unlisted_models == "deny":
-                return _deny("model_not_found", "model.unlisted", "model in no program; denied")
-            rule, detail = "model.unlisted", "model in no program; unlisted_models: allow"
-        else:
-            program = cfg.programs[name]
-            phase = program.phases.get(req.product, "closed")
-            # Row 5.
-            if phase == "closed":
-                return _deny(
-                    "product_unavailable",
-                    "phase.closed",
-                    f"{program.name} is closed on {req.product}",
-                    program=program,
-                )
-            if phase == "ga":
-                rule, detail = "phase.ga", f"{program.name} is generally available"
-            else:
-                grant = facts.grant_for(program.name, req.product)
-                # Row 6.
-                if grant is None:
-                    return _deny(
-                        "model_not_found",
-                        "grant.none",
-                        f"no grant for {program.name} on {req.product}",
-                        program=program,
-                    )
-                if grant.revoked:
-                    return _deny(
-                        "model_not_found",
-                        "grant.revoked",
-                        f"grant {grant.grant_id} is revoked",
-                        program=program,
-                        grant=grant,
-                    )
-                if not grant.covers_model(req.model):
-                    return _deny(
-                        "model_not_found",
-                        "grant.model_subset",
-                        f"grant {grant.grant_id} does not cover {req.model}",
-                        program=program,
-                        grant=grant,
-                    )
-                # Row 7.
-                missing = missing_approvals(grant, program.required_approvals)
-                if missing:
-                    return _deny(
-                        "access_pending_review",
-                        "grant.pending_review",
-                        f"grant {grant.grant_id} awaits approval by {', '.join(missing)}",
-                        program=program,
-                        grant=grant,
-                    )
-                # Row 8.
-                if not is_enabled_at(grant, now):
-                    return _deny(
-                        "access_not_yet_enabled",
-                        "grant.not_yet_enabled",
-                        f"grant {grant.grant_id} is approved; enable_at "
-                        + ("unset" if grant.enable_at is None else "in the future"),
-                        program=program,
-                        grant=grant,
-                    )
-                # Row 9.
-                if grant.suspended:
-                    return _deny(
-                        "access_suspended",
-                        "grant.suspended",
-                        f"grant {grant.grant_id} is suspended",
-                        program=program,
-                        grant=grant,
-                    )
-                if is_expired_at(grant, now):
-                    return _deny(
-                        "access_expired",
-                        "grant.expired",
-                        f"grant {grant.grant_id} has expired",
-                        program=program,
-                        grant=grant,
-                    )
-                rule, detail = "grant.enabled", f"grant {grant.grant_id} is enabled"
+    access = _model_access(facts, cfg, req, now)  # rows 5-9
+    if isinstance(access, Decision):
+        return access
+    program, grant, rule, detail = access
 
     shadow: tuple[str, ...] = ()
     if view.shadow_tier is not None:
@@ -204,3 +113,69 @@ def decide(facts: Facts, cfg: Config, req: RequestInfo, now: float) -> Decision:
         blocked_categories=blocked,
         shadow_rules=shadow,
     )
+
+
+def _suspension(facts: Facts, view: StandingView) -> Decision | None:
+    """Row 3: the workspace, its org, or its misuse standing is suspended."""
+    ws = facts.workspace
+    if ws.suspended:
+        return _deny("workspace_suspended", "workspace.suspended", "suspended by an operator")
+    if facts.org is not None and facts.org.suspended:
+        return _deny("workspace_suspended", "org.suspended", f"org {ws.org_id} is suspended")
+    if view.suspended:
+        return _deny(
+            "workspace_suspended",
+            "misuse.suspended",
+            f"misuse score {view.score} reached tier suspended",
+            standing=view,
+        )
+    return None
+
+
+Access = tuple[Program | None, Grant | None, str, str]  # program, grant, rule, detail
+
+
+def _model_access(facts: Facts, cfg: Config, req: RequestInfo, now: float) -> Decision | Access:
+    """Rows 5-9 for the requested model: a denial, or what lets the request go on."""
+    if req.model is None:
+        return None, None, "request.no_model", "the request names no model"
+    name = cfg.program_of_model.get(req.model)
+    if name is None:
+        if cfg.unlisted_models == "deny":
+            return _deny("model_not_found", "model.unlisted", "model in no program; denied")
+        return None, None, "model.unlisted", "model in no program; unlisted_models: allow"
+    program = cfg.programs[name]
+    phase = program.phases.get(req.product, "closed")
+    if phase == "closed":  # row 5
+        detail = f"{program.name} is closed on {req.product}"
+        return _deny("product_unavailable", "phase.closed", detail, program=program)
+    if phase == "ga":
+        return program, None, "phase.ga", f"{program.name} is generally available"
+    grant = facts.grant_for(program.name, req.product)
+    if grant is None:  # row 6
+        detail = f"no grant for {program.name} on {req.product}"
+        return _deny("model_not_found", "grant.none", detail, program=program)
+    return _grant_access(program, grant, req.model, now)
+
+
+def _grant_access(program: Program, grant: Grant, model: str, now: float) -> Decision | Access:
+    """Rows 6-9 under the deciding grant, in the order its state is derived."""
+    state = grant_state(grant, program.required_approvals, now)
+    gid = grant.grant_id
+    if state is not GrantState.REVOKED and not grant.covers_model(model):  # row 6
+        detail = f"grant {gid} does not cover {model}"
+        return _deny("model_not_found", "grant.model_subset", detail, program=program, grant=grant)
+    code, rule = ANSWER[state]
+    if state is GrantState.REQUESTED or state is GrantState.PENDING_REVIEW:
+        missing = missing_approvals(grant, program.required_approvals)
+        detail = f"grant {gid} awaits approval by {', '.join(missing)}"
+    elif state is GrantState.APPROVED:
+        when = "unset" if grant.enable_at is None else "in the future"
+        detail = f"grant {gid} is approved; enable_at {when}"
+    elif state is GrantState.EXPIRED:
+        detail = f"grant {gid} has expired"
+    else:  # revoked, suspended, enabled
+        detail = f"grant {gid} is {state}"
+    if code is not None:
+        return _deny(code, rule, detail, program=program, grant=grant)
+    return program, grant, rule, detail

@@ -19,6 +19,7 @@ class Org:
     org_id: str
     name: str = ""
     suspended: bool = False
+    account_representative: str | None = None  # eligibility for programs that require one (§4)
 
 
 @dataclass(frozen=True, slots=True)

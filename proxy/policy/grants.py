@@ -8,7 +8,9 @@ write.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 
 class GrantState(enum.StrEnum):
@@ -58,10 +60,6 @@ def missing_approvals(grant: Grant, required: tuple[str, ...]) -> tuple[str, ...
     return tuple(r for r in required if r not in signed)
 
 
-def is_approved(grant: Grant, required: tuple[str, ...]) -> bool:
-    return not missing_approvals(grant, required)
-
-
 def is_enabled_at(grant: Grant, now: float) -> bool:
     return grant.enable_at is not None and grant.enable_at <= now
 
@@ -71,13 +69,32 @@ def is_expired_at(grant: Grant, now: float) -> bool:
 
 
 def grant_state(grant: Grant, required: tuple[str, ...], now: float) -> GrantState:
+    """The grant's state: the first of the decision's grant checks (SPEC §3.4 rows 6–9, in that
+    order) that holds, so the state shown and the answer a request gets never disagree."""
     if grant.revoked:
         return GrantState.REVOKED
-    if is_expired_at(grant, now):
-        return GrantState.EXPIRED
-    if grant.suspended:
-        return GrantState.SUSPENDED
     missing = missing_approvals(grant, required)
     if missing:
         return GrantState.PENDING_REVIEW if len(missing) < len(required) else GrantState.REQUESTED
-    return GrantState.ENABLED if is_enabled_at(grant, now) else GrantState.APPROVED
+    if not is_enabled_at(grant, now):
+        return GrantState.APPROVED
+    if grant.suspended:
+        return GrantState.SUSPENDED
+    if is_expired_at(grant, now):
+        return GrantState.EXPIRED
+    return GrantState.ENABLED
+
+
+# What a request under a grant in each state is answered (None: the grant lets it through), and
+# the rule ``explain`` names for it.
+ANSWER: Mapping[GrantState, tuple[str | None, str]] = MappingProxyType(
+    {
+        GrantState.REVOKED: ("model_not_found", "grant.revoked"),
+        GrantState.REQUESTED: ("access_pending_review", "grant.pending_review"),
+        GrantState.PENDING_REVIEW: ("access_pending_review", "grant.pending_review"),
+        GrantState.APPROVED: ("access_not_yet_enabled", "grant.not_yet_enabled"),
+        GrantState.SUSPENDED: ("access_suspended", "grant.suspended"),
+        GrantState.EXPIRED: ("access_expired", "grant.expired"),
+        GrantState.ENABLED: (None, "grant.enabled"),
+    }
+)

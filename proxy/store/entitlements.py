@@ -26,6 +26,12 @@ class Entitlements:
         self.redis = redis
         self.gate = gate
         self.cache = cache
+        # Typed views of the one cache: each answers the type its loader reads.
+        self._keys: FactCache[KeyRecord | None] = cache.typed()
+        self._workspaces: FactCache[Workspace | None] = cache.typed()
+        self._orgs: FactCache[Org | None] = cache.typed()
+        self._grants: FactCache[GrantMap] = cache.typed()
+        self._standings: FactCache[Standing] = cache.typed()
 
     # Loaders: one Redis round trip each, guarded.
     async def _load_key(self, key_id: str) -> KeyRecord | None:
@@ -62,40 +68,42 @@ class Entitlements:
 
     async def key(self, key_id: str, cc: CacheConfig) -> KeyRecord | None:
         ck = schema.c_key(key_id)
-        value = self.cache.fresh(ck, cc.ttl_seconds)
+        value = self._keys.fresh(ck, cc.ttl_seconds)
         if value is MISSING:
-            value = await self.cache.load(
+            value = await self._keys.load(
                 ck, lambda: self._load_key(key_id), cc.stale_if_error_seconds
             )
-        return value  # type: ignore[no-any-return]
+        return value
 
     async def facts_for(self, ws_id: str, cc: CacheConfig) -> Facts | None:
         """Everything a decision needs about one workspace, or None if it does not exist."""
-        cache, ttl, stale = self.cache, cc.ttl_seconds, cc.stale_if_error_seconds
-        ws = cache.fresh(schema.c_ws(ws_id), ttl)
+        ttl, stale = cc.ttl_seconds, cc.stale_if_error_seconds
+        ws = self._workspaces.fresh(schema.c_ws(ws_id), ttl)
         if ws is MISSING:
-            ws = await cache.load(schema.c_ws(ws_id), lambda: self._load_workspace(ws_id), stale)
+            ws = await self._workspaces.load(
+                schema.c_ws(ws_id), lambda: self._load_workspace(ws_id), stale
+            )
         if ws is None:
             return None
         org_id = ws.org_id
-        org = cache.fresh(schema.c_org(org_id), ttl)
+        org = self._orgs.fresh(schema.c_org(org_id), ttl)
         if org is MISSING:
-            org = await cache.load(schema.c_org(org_id), lambda: self._load_org(org_id), stale)
+            org = await self._orgs.load(schema.c_org(org_id), lambda: self._load_org(org_id), stale)
         ws_subject = "workspace:" + ws_id
-        ws_grants = cache.fresh(schema.c_grants(ws_subject), ttl)
+        ws_grants = self._grants.fresh(schema.c_grants(ws_subject), ttl)
         if ws_grants is MISSING:
-            ws_grants = await cache.load(
+            ws_grants = await self._grants.load(
                 schema.c_grants(ws_subject), lambda: self._load_grants(ws_subject), stale
             )
         org_subject = "org:" + org_id
-        org_grants = cache.fresh(schema.c_grants(org_subject), ttl)
+        org_grants = self._grants.fresh(schema.c_grants(org_subject), ttl)
         if org_grants is MISSING:
-            org_grants = await cache.load(
+            org_grants = await self._grants.load(
                 schema.c_grants(org_subject), lambda: self._load_grants(org_subject), stale
             )
-        standing = cache.fresh(schema.c_standing(ws_id), ttl)
+        standing = self._standings.fresh(schema.c_standing(ws_id), ttl)
         if standing is MISSING:
-            standing = await cache.load(
+            standing = await self._standings.load(
                 schema.c_standing(ws_id), lambda: self._load_standing(ws_id), stale
             )
         return Facts(ws, org, ws_grants, org_grants, standing)

@@ -4,10 +4,18 @@
 -- ARGV[1] picks the operation. Times are integer microseconds; numbers handed back to Redis are
 -- formatted with %d, since Lua's default number formatting keeps only 14 significant digits.
 --
--- acquire  KEYS: rl key (GCRA TAT), cc key (sorted set: slot -> lease expiry)
+-- acquire  KEYS: rl key (GCRA TAT), cc key (sorted set: slot -> lease expiry),
+--                tk key (token TAT)
 --          ARGV: op, emission interval, capacity in time (burst x interval), concurrent cap,
---                lease, slot id
---          -> {admitted 0/1, reason 0 ok | 1 rate | 2 concurrency, remaining, reset, retry}
+--                lease, slot id, tokens per minute (0: no token limit), tokens this replica
+--                metered since its last call for the key (added first, whatever the verdict)
+--          -> {admitted 0/1, reason 0 ok | 1 rate | 2 concurrency | 3 tokens, remaining, reset,
+--              retry, tokens remaining (-1: no token limit), tokens reset}
+-- consume  KEYS: tk keys; ARGV: op, then per key: tokens per minute, tokens metered -> #keys
+--
+-- Tokens are a GCRA bucket too: a minute's budget (tokens_per_minute) of capacity, each token
+-- worth 60 s / tokens_per_minute. Usage is known only when an answer ends, so a request is let
+-- in while at least one token of budget is left and its tokens are added afterwards.
 -- release  KEYS: cc keys; ARGV: op, one slot id per key -> slots removed
 -- refresh  KEYS: cc keys; ARGV: op, lease, one slot id per key -> leases extended
 -- heartbeat KEYS: replica set; ARGV: op, ttl, replica id -> live replicas
@@ -27,14 +35,40 @@ local function ms_ceil(us)
   return fmt(math.max(1, math.ceil(us / 1000)))
 end
 
+local MINUTE = 60000000
+
+-- The token TAT of key after adding spent tokens (written back only when it moved).
+local function spend(key, tpm, spent, now)
+  local per = MINUTE / tpm
+  local ttat = tonumber(redis.call('GET', key)) or now
+  if ttat < now then
+    ttat = now
+  end
+  if spent > 0 then
+    ttat = math.floor(ttat + spent * per)
+    redis.call('SET', key, fmt(ttat), 'PX', ms_ceil(ttat - now))
+  end
+  return ttat, per
+end
+
 if op == 'acquire' then
-  local rl, cc = KEYS[1], KEYS[2]
+  local rl, cc, tk = KEYS[1], KEYS[2], KEYS[3]
   local interval = tonumber(ARGV[2])
   local capacity = tonumber(ARGV[3])
   local concurrent = tonumber(ARGV[4])
   local lease = tonumber(ARGV[5])
   local slot = ARGV[6]
+  local tpm = tonumber(ARGV[7]) or 0
+  local spent = tonumber(ARGV[8]) or 0
   local now = now_us()
+
+  local t_left, t_reset, t_retry = -1, 0, 0
+  if tpm > 0 then
+    local ttat, per = spend(tk, tpm, spent, now)
+    t_left = math.max(0, math.floor((now + MINUTE - ttat) / per))
+    t_reset = ttat - now
+    t_retry = ttat + per - MINUTE - now
+  end
 
   local tat = tonumber(redis.call('GET', rl)) or now
   if tat < now then
@@ -43,20 +77,34 @@ if op == 'acquire' then
   local new_tat = tat + interval
   local allow_at = new_tat - capacity
   if allow_at > now then
-    return {0, 1, 0, tat - now, allow_at - now}
+    return {0, 1, 0, tat - now, allow_at - now, t_left, t_reset}
+  end
+  if t_left == 0 then
+    local remaining = math.floor((now + capacity - tat) / interval)
+    return {0, 3, remaining, tat - now, t_retry, t_left, t_reset}
   end
 
   redis.call('ZREMRANGEBYSCORE', cc, '-inf', fmt(now))
   if redis.call('ZCARD', cc) >= concurrent then
     local remaining = math.floor((now + capacity - tat) / interval)
-    return {0, 2, remaining, tat - now, 0}
+    return {0, 2, remaining, tat - now, 0, t_left, t_reset}
   end
   redis.call('ZADD', cc, fmt(now + lease), slot)
   redis.call('PEXPIRE', cc, ms_ceil(lease))
 
   redis.call('SET', rl, fmt(new_tat), 'PX', ms_ceil(new_tat - now))
   local remaining = math.floor((now + capacity - new_tat) / interval)
-  return {1, 0, remaining, new_tat - now, 0}
+  return {1, 0, remaining, new_tat - now, 0, t_left, t_reset}
+elseif op == 'consume' then
+  local now = now_us()
+  for i, key in ipairs(KEYS) do
+    local tpm = tonumber(ARGV[2 * i])
+    local spent = tonumber(ARGV[2 * i + 1])
+    if tpm > 0 and spent > 0 then
+      spend(key, tpm, spent, now)
+    end
+  end
+  return #KEYS
 elseif op == 'release' then
   local removed = 0
   for i, key in ipairs(KEYS) do

@@ -8,6 +8,15 @@ Redis clock, checks the bucket and takes a concurrency slot in the same round tr
 member of a sorted set scored by its lease expiry; the background task extends the leases of
 slots still held, so the slots of a replica that crashed expire on their own.
 
+Token limits (``tokens_per_minute``, SPEC §6) live in the same script and the same call: a
+request is let in while its workspace and program have at least one token of the minute's
+budget left, and the tokens of its answer (input + output, from the meter) are added when it
+ends. They are not sent on their own: the next ``acquire`` of this replica for the same key
+carries them (so a replica never judges a request without its own earlier answers), and a
+batched ``consume`` call sends whatever is still held after ``token_flush_s``. No extra round
+trip on the request path; the error is bounded by the answers in flight plus those metered in
+the last ``token_flush_s`` on other replicas.
+
 When Redis cannot answer, a replica limits alone with its share of the limit (the limit divided
 by the replicas last seen alive), counted as ``failure_mode{check="rate_limit",mode="local"}``.
 A limit marked ``shadow`` is evaluated and counted but never refuses.
@@ -35,7 +44,7 @@ from proxy import metrics
 from proxy.config import RateLimit
 from proxy.store.connection import Gate, RedisUnavailable
 from proxy.store.resp import RespConnection, RespError
-from proxy.store.schema import REPLICAS_KEY, concurrency_key, rate_key
+from proxy.store.schema import REPLICAS_KEY, concurrency_key, rate_key, token_key
 from proxy.store.topology import RespRouter
 
 log = logging.getLogger(__name__)
@@ -48,12 +57,22 @@ _MINUTE_US = 60 * _US
 _REFRESH_BATCH = 500
 # A slot refused for concurrency frees when some request ends, which no clock can tell.
 _CONCURRENCY_RETRY_S = 1.0
-_REASONS = {1: "rate", 2: "concurrency"}
+_REASONS = {1: "rate", 2: "concurrency", 3: "tokens"}
 
 
 def _seconds(value: float) -> str:
     """``1.5s`` style, at millisecond precision."""
     return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """The token budget of a result: per minute (this replica's share in local mode), left now,
+    and seconds until it is whole again."""
+
+    limit: int
+    remaining: int
+    reset_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +83,10 @@ class LimitResult:
     remaining: int
     reset_s: float  # until the bucket is full again
     retry_after_s: float  # 0 when allowed
-    reason: str | None  # "rate" | "concurrency" when the verdict is a refusal
+    reason: str | None  # "rate" | "concurrency" | "tokens" when the verdict is a refusal
     slot: str | None  # concurrency slot to release, None if none was taken
     mode: str  # "redis" | "local"
+    tokens: Tokens | None = None  # None: no token limit
 
     def headers(self) -> dict[str, str]:
         out = {
@@ -74,6 +94,10 @@ class LimitResult:
             "x-ratelimit-remaining-requests": str(self.remaining),
             "x-ratelimit-reset-requests": _seconds(self.reset_s),
         }
+        if self.tokens is not None:
+            out["x-ratelimit-limit-tokens"] = str(self.tokens.limit)
+            out["x-ratelimit-remaining-tokens"] = str(self.tokens.remaining)
+            out["x-ratelimit-reset-tokens"] = _seconds(self.tokens.reset_s)
         if not self.allowed:
             out["retry-after"] = str(max(1, math.ceil(self.retry_after_s)))
         return out
@@ -84,13 +108,33 @@ class _LocalLimits:
 
     def __init__(self) -> None:
         self.tat: dict[str, float] = {}
+        self.token_tat: dict[str, float] = {}
         self.slots: dict[str, int] = {}
         self.held: dict[str, str] = {}  # slot -> concurrency key
 
+    def spend(self, tk: str, tpm_share: float, tokens: int) -> None:
+        now = time.monotonic()
+        self.token_tat[tk] = max(self.token_tat.get(tk, now), now) + tokens * 60.0 / tpm_share
+
+    def tokens(self, tk: str, tpm_share: float) -> tuple[int, float, float]:
+        """(tokens left, seconds until the budget is whole, seconds until one token is left)."""
+        per = 60.0 / tpm_share
+        now = time.monotonic()
+        ttat = max(self.token_tat.get(tk, now), now)
+        left = max(0, math.floor((now + 60.0 - ttat) / per + 1e-9))
+        return left, ttat - now, ttat + per - 60.0 - now
+
     def acquire(
-        self, rl: str, cc: str, limit: RateLimit, replicas: int, slot: str
+        self,
+        rl: str,
+        cc: str,
+        limit: RateLimit,
+        replicas: int,
+        slot: str,
+        tokens_left: bool = True,
     ) -> tuple[int, int, int, float, float]:
-        """(share of rpm, reason code, remaining, reset_s, retry_after_s); reason 0 = admitted."""
+        """(share of rpm, reason code, remaining, reset_s, retry_after_s); reason 0 = admitted,
+        3 = the token budget (``tokens_left`` False) is spent."""
         share_rpm = limit.requests_per_minute / replicas
         interval = 60.0 / share_rpm
         capacity = max(1, max(1, limit.burst) // replicas) * interval
@@ -102,6 +146,9 @@ class _LocalLimits:
         allow_at = new_tat - capacity
         if allow_at > now:
             return shown, 1, 0, tat - now, allow_at - now
+        if not tokens_left:
+            remaining = math.floor((now + capacity - tat) / interval + 1e-9)
+            return shown, 3, remaining, tat - now, 0.0
         if self.slots.get(cc, 0) >= concurrent:
             remaining = math.floor((now + capacity - tat) / interval + 1e-9)
             return shown, 2, remaining, tat - now, 0.0
@@ -124,8 +171,9 @@ class _LocalLimits:
     def prune(self) -> None:
         """Forget full buckets: an absent bucket is a full one."""
         now = time.monotonic()
-        for key in [k for k, tat in self.tat.items() if tat <= now]:
-            del self.tat[key]
+        for table in (self.tat, self.token_tat):
+            for key in [k for k, tat in table.items() if tat <= now]:
+                del table[key]
 
 
 def _resp_for(redis: aioredis.Redis) -> RespConnection | None:
@@ -159,6 +207,7 @@ class RateLimiter:
         heartbeat_s: float = 5.0,
         replica_ttl_s: float | None = None,
         resp: RespRouter | None = None,
+        token_flush_s: float = 0.1,
     ) -> None:
         self._redis = redis
         self._owns_resp = resp is None
@@ -173,11 +222,15 @@ class RateLimiter:
         self._seq = itertools.count(1)
         self._held: dict[str, str] = {}  # slot -> concurrency key, while leased in Redis
         self._local = _LocalLimits()
+        self.token_flush_s = token_flush_s
+        self._spent: dict[str, tuple[int, int]] = {}  # token key -> (tokens, tokens per minute)
+        self._token_flush: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._release_batch: tuple[list[str], list[str], asyncio.Future[None]] | None = None
         self._flushing: set[asyncio.Future[None]] = set()
         self._local_mode = metrics.FAILURE_MODE.labels("rate_limit", "local")
         self._shadow = metrics.SHADOW_DECISIONS.labels("rate_limit")
+        self._token_shadow = metrics.SHADOW_DECISIONS.labels("token_limit")
 
     async def acquire(
         self, workspace_id: str, program: str | None, limit: RateLimit
@@ -185,7 +238,11 @@ class RateLimiter:
         """Judge one request: one Redis round trip, or the local share when Redis is away."""
         rl = rate_key(workspace_id, program)
         cc = concurrency_key(workspace_id, program)
+        tk = token_key(workspace_id, program)
         slot = f"{self.replica_id}:{next(self._seq)}"
+        tpm = limit.tokens_per_minute or 0
+        # This replica's own metered tokens for the key ride along: no call of their own.
+        spent = self._spent.pop(tk, (0, 0))[0] if tpm else 0
         interval_us = -(-_MINUTE_US // max(1, limit.requests_per_minute))  # ceil: never faster
         args = (
             "acquire",
@@ -194,18 +251,18 @@ class RateLimiter:
             str(max(1, limit.concurrent)),
             self._lease_us,
             slot,
+            str(tpm),
+            str(spent),
         )
         try:
-            reply = await self._gate.call("rate_limit", lambda: self._script((rl, cc), args))
+            reply = await self._gate.call("rate_limit", lambda: self._script((rl, cc, tk), args))
         except RedisUnavailable:
             self._local_mode.inc()
-            shown, code, remaining, reset_s, retry_s = self._local.acquire(
-                rl, cc, limit, max(1, self.replicas), slot
-            )
-            return self._result(limit, shown, code, remaining, reset_s, retry_s, slot, "local")
-        code, remaining, reset_us, retry_us = (int(v) for v in reply[1:5])
+            return self._acquire_locally(rl, cc, tk, limit, slot, spent)
+        code, remaining, reset_us, retry_us, t_left, t_reset_us = (int(v) for v in reply[1:7])
         if code == 0:
             self._held[slot] = cc
+        tokens = Tokens(tpm, t_left, max(0.0, t_reset_us / _US)) if tpm and t_left >= 0 else None
         return self._result(
             limit,
             limit.requests_per_minute,
@@ -215,7 +272,73 @@ class RateLimiter:
             retry_us / _US,
             slot,
             "redis",
+            tokens,
         )
+
+    def _acquire_locally(
+        self, rl: str, cc: str, tk: str, limit: RateLimit, slot: str, spent: int
+    ) -> LimitResult:
+        replicas = max(1, self.replicas)
+        tokens: Tokens | None = None
+        token_retry = 0.0
+        if limit.tokens_per_minute:
+            share = limit.tokens_per_minute / replicas
+            if spent:
+                self._local.spend(tk, share, spent)
+            left, reset_s, token_retry = self._local.tokens(tk, share)
+            tokens = Tokens(max(1, limit.tokens_per_minute // replicas), left, reset_s)
+        shown, code, remaining, reset_s, retry_s = self._local.acquire(
+            rl, cc, limit, replicas, slot, tokens is None or tokens.remaining > 0
+        )
+        if code == 3:
+            retry_s = token_retry
+        return self._result(limit, shown, code, remaining, reset_s, retry_s, slot, "local", tokens)
+
+    def consume(
+        self, workspace_id: str, program: str | None, tokens: int, tokens_per_minute: int
+    ) -> None:
+        """Add the metered tokens of an answer to its token budget. No I/O here: they go with
+        this replica's next ``acquire`` for the key, or in a batch after ``token_flush_s``."""
+        if tokens <= 0 or tokens_per_minute <= 0:
+            return
+        tk = token_key(workspace_id, program)
+        held = self._spent.get(tk, (0, 0))[0]
+        self._spent[tk] = (held + tokens, tokens_per_minute)
+        if self._token_flush is None:
+            loop = asyncio.get_running_loop()
+            self._token_flush = loop.call_later(self.token_flush_s, self._start_token_flush)
+
+    def _start_token_flush(self) -> None:
+        self._token_flush = None
+        task = asyncio.ensure_future(self._flush_tokens())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush_tokens(self) -> None:
+        batch, self._spent = self._spent, {}
+        by_group: dict[int, list[tuple[str, tuple[int, int]]]] = {}
+        for item in batch.items():
+            # One script call touches one Cluster slot.
+            group = self._resp.group(item[0]) if self._resp is not None else 0
+            by_group.setdefault(group, []).append(item)
+        parts = [
+            items[start : start + _REFRESH_BATCH]
+            for items in by_group.values()
+            for start in range(0, len(items), _REFRESH_BATCH)
+        ]
+        for part in parts:
+            args = ["consume"]
+            for _, (tokens, tpm) in part:
+                args += [str(tpm), str(tokens)]
+            try:
+                await self._gate.call(
+                    "rate_limit_tokens", partial(self._script, [tk for tk, _ in part], args)
+                )
+            except RedisUnavailable:
+                # Counted where this replica judges alone until Redis answers again.
+                replicas = max(1, self.replicas)
+                for tk, (tokens, tpm) in part:
+                    self._local.spend(tk, tpm / replicas, tokens)
 
     def _result(
         self,
@@ -227,10 +350,11 @@ class RateLimiter:
         retry_s: float,
         slot: str,
         mode: str,
+        tokens: Tokens | None = None,
     ) -> LimitResult:
         would_allow = code == 0
         if not would_allow and limit.shadow:
-            self._shadow.inc()
+            (self._token_shadow if code == 3 else self._shadow).inc()
         allowed = would_allow or limit.shadow
         if allowed:
             retry_s = 0.0
@@ -246,6 +370,7 @@ class RateLimiter:
             reason=_REASONS.get(code),
             slot=slot if would_allow else None,
             mode=mode,
+            tokens=tokens,
         )
 
     async def release(self, result: LimitResult) -> None:
@@ -304,6 +429,11 @@ class RateLimiter:
         self._task = asyncio.create_task(self._run(), name="rate-limit-upkeep")
 
     async def stop(self) -> None:
+        if self._token_flush is not None:
+            self._token_flush.cancel()
+            self._token_flush = None
+        if self._spent:
+            await self._flush_tokens()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,15 +7,21 @@ touches share one Redis Cluster slot:
   hash-chained audit log commit in the same MULTI/EXEC on every topology:
   ``ap:{ap}:apikey:<key_id>`` hash (workspace_id, digest, pepper_version, name, created_at,
   revoked_at); ``ap:{ap}:ws:<ws>`` hash (org_id, name, suspended, reason, created_at);
-  ``ap:{ap}:org:<org>`` hash; ``ap:{ap}:grant:<grant_id>`` the grant as JSON (every grant ever
-  made); ``ap:{ap}:sgrants:<subject>`` hash ``<program>|<product>`` -> the subject's current grant;
+  ``ap:{ap}:org:<org>`` hash (name, suspended, reason, created_at, account_representative);
+  ``ap:{ap}:grant:<grant_id>`` the grant as JSON (every grant ever made);
+  ``ap:{ap}:sgrants:<subject>`` hash ``<program>|<product>`` -> the subject's current grant;
   ``ap:{ap}:standing:<ws>`` hash (suspended, suspended_at); ``ap:{ap}:flags:<ws>`` sorted set of
   flags (score: time); ``ap:{ap}:orgws:<org>`` set; ``ap:{ap}:audit`` list of JSON entries and
   ``ap:{ap}:audit:head`` hash (seq, hash); ``ap:{ap}:replicas`` live replicas (rate limits);
   ``ap:{ap}:schema`` the layout version.
 - ``{ws:<ws>}`` one workspace's traffic state, spread over the cluster by workspace:
   ``ap:{ws:<ws>}:rl:<program>`` GCRA bucket, ``ap:{ws:<ws>}:cc:<program>`` concurrency slots
-  (``ratelimit.py``), ``ap:{ws:<ws>}:usage`` usage and cost counters (``usage.py``).
+  (``ratelimit.py``), ``ap:{ws:<ws>}:tk:<program>`` tokens spent against ``tokens_per_minute``
+  (``ratelimit.lua``), ``ap:{ws:<ws>}:usage`` usage and cost counters and
+  ``ap:{ws:<ws>}:usage-day:<YYYY-MM-DD>`` the same for one UTC day, expiring after the configured
+  retention (``usage.py``).
+Keys of the admin tag are read and written through the admin client (``topology.Topology.client``),
+keys of a workspace tag through the data client (``data_client``) or the rate limiter's.
 
 Entitlement reads are cached (SPEC §5), so the admin slot sees writes and cache misses only; the
 per-request traffic (rate limits, usage) goes to the workspace's own slot.
@@ -98,6 +104,16 @@ def usage_key(ws: str) -> str:
     return f"{workspace_tag(ws)}usage"
 
 
+def usage_day_key(ws: str, day: str) -> str:
+    """Usage of one UTC day; ``day`` is ``YYYY-MM-DD`` (fixed length, so never ambiguous)."""
+    return f"{workspace_tag(ws)}usage-day:{day}"
+
+
+def token_key(ws: str, program: str | None) -> str:
+    """The token bucket of a workspace and program (a GCRA arrival time, as the rate key)."""
+    return f"{workspace_tag(ws)}tk:{program or '-'}"
+
+
 def grant_slot(program: str, product: str) -> str:
     return f"{program}|{product}"
 
@@ -167,7 +183,12 @@ def workspace_from_hash(ws: str, raw: RawHash) -> Workspace | None:
 def org_from_hash(org: str, raw: RawHash) -> Org | None:
     if not raw:
         return None
-    return Org(org_id=org, name=_s(raw, "name"), suspended=_s(raw, "suspended") == "1")
+    return Org(
+        org_id=org,
+        name=_s(raw, "name"),
+        suspended=_s(raw, "suspended") == "1",
+        account_representative=_s(raw, "account_representative") or None,
+    )
 
 
 def grant_to_dict(g: Grant) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from redis.exceptions import WatchError
 
 from proxy import identity, metrics
 from proxy.config import MisuseConfig
+from proxy.policy.eligibility import org_eligible
 from proxy.policy.facts import Org, Workspace
 from proxy.policy.grants import Approval, Grant
 from proxy.policy.standing import (
@@ -65,6 +66,10 @@ class Invalid(StoreError):
     code = "invalid_body"
 
 
+class NotEligible(StoreError):
+    code = "not_eligible"
+
+
 @dataclass(frozen=True, slots=True)
 class Actor:
     name: str
@@ -90,7 +95,12 @@ def workspace_dict(ws: Workspace, reason: str = "") -> dict[str, Any]:
 
 
 def org_dict(org: Org) -> dict[str, Any]:
-    return {"id": org.org_id, "name": org.name, "suspended": org.suspended}
+    return {
+        "id": org.org_id,
+        "name": org.name,
+        "suspended": org.suspended,
+        "account_representative": org.account_representative,
+    }
 
 
 class Writes:
@@ -201,23 +211,70 @@ class Writes:
 
     # ------------------------------------------------------------------ orgs and workspaces
 
-    async def create_org(self, actor: Actor, org_id: str, name: str) -> Org:
+    async def create_org(
+        self, actor: Actor, org_id: str, name: str, account_representative: str | None = None
+    ) -> Org:
         key = schema.org_key(org_id)
 
         async def plan(pipe: Pipeline) -> Plan:
             if await pipe.exists(key):
                 raise Conflict(f"org {org_id} already exists", org_id)
-            org = Org(org_id, name)
+            org = Org(org_id, name, account_representative=account_representative)
             now = time.time()
+            rep = account_representative or ""
             return Plan(
                 None,
                 org_dict(org),
-                lambda p: p.hset(key, mapping={"name": name, "suspended": "0", "created_at": now}),
+                lambda p: p.hset(
+                    key,
+                    mapping={
+                        "name": name,
+                        "suspended": "0",
+                        "created_at": now,
+                        "account_representative": rep,
+                    },
+                ),
                 org,
                 [schema.c_org(org_id)],
             )
 
         return await self._transact(actor, "org.create", f"org:{org_id}", [key], plan)  # type: ignore[no-any-return]
+
+    async def set_account_representative(
+        self, actor: Actor, org_id: str, representative: str | None
+    ) -> Org:
+        """Set (or, with None, clear) the org's account representative; grants stay as they are."""
+        key = schema.org_key(org_id)
+
+        async def plan(pipe: Pipeline) -> Plan:
+            org = schema.org_from_hash(org_id, await self._hash(pipe, key))
+            if org is None:
+                raise NotFound(f"org {org_id} not found")
+            after = replace(org, account_representative=representative)
+            return Plan(
+                org_dict(org),
+                org_dict(after),
+                lambda p: p.hset(key, "account_representative", representative or ""),
+                after,
+                [schema.c_org(org_id)],
+            )
+
+        action = "org.account_rep.set" if representative else "org.account_rep.clear"
+        return await self._transact(actor, action, f"org:{org_id}", [key], plan)  # type: ignore[no-any-return]
+
+    async def org_of_subject(self, pipe: Pipeline, subject: str) -> Org | None:
+        """The org a grant subject belongs to (the org itself, or a workspace's org), WATCHed."""
+        kind, _, ident = subject.partition(":")
+        if kind == "workspace":
+            ws_key = schema.workspace_key(ident)
+            await pipe.watch(ws_key)
+            ws = schema.workspace_from_hash(ident, await self._hash(pipe, ws_key))
+            if ws is None:
+                return None
+            ident = ws.org_id
+        org_key = schema.org_key(ident)
+        await pipe.watch(org_key)
+        return schema.org_from_hash(ident, await self._hash(pipe, org_key))
 
     async def create_workspace(self, actor: Actor, ws_id: str, org_id: str, name: str) -> Workspace:
         key = schema.workspace_key(ws_id)
@@ -365,7 +422,10 @@ class Writes:
         subject: str,
         models: tuple[str, ...] | None,
         expires_at: float | None,
+        requires_account_representative: bool = False,
     ) -> Grant:
+        """A new grant in state ``requested``; NotEligible when the program needs an account
+        representative and the subject's org has none (checked in the same transaction)."""
         skey = schema.subject_grants_key(subject)
         slot = schema.grant_slot(program, product)
         grant = Grant(
@@ -381,6 +441,14 @@ class Writes:
         async def plan(pipe: Pipeline) -> Plan:
             if not await self.subject_exists(subject):
                 raise Invalid(f"subject {subject!r} does not exist", "subject")
+            if requires_account_representative:
+                org = await self.org_of_subject(pipe, subject)
+                if not org_eligible(True, org):
+                    raise NotEligible(
+                        f"{program} is for organizations that work with an account "
+                        f"representative; org {org.org_id if org else '?'} has none",
+                        "subject",
+                    )
             existing = await pipe.hget(skey, slot)
             if existing:
                 old = schema.grant_from_json(existing)
@@ -458,7 +526,9 @@ class Writes:
             actor, "grant.enable", grant_id, lambda g: replace(g, enable_at=at)
         )
 
-    async def set_grant_flag(self, actor: Actor, grant_id: str, action: str, reason: str) -> Grant:
+    async def apply_grant_action(
+        self, actor: Actor, grant_id: str, action: str, reason: str
+    ) -> Grant:
         """``suspend``, ``reinstate`` or ``revoke`` (final)."""
         changes: dict[str, Callable[[Grant], Grant]] = {
             "suspend": lambda g: replace(g, suspended=True),

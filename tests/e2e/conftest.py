@@ -413,7 +413,7 @@ class Seeder:
 
     async def grant_action(self, grant_id: str, action: str) -> Grant:
         """``suspend``, ``reinstate`` or ``revoke``."""
-        return await self.writes.set_grant_flag(ACTOR, grant_id, action, "e2e")
+        return await self.writes.apply_grant_action(ACTOR, grant_id, action, "e2e")
 
     async def suspend_workspace(self, ws_id: str) -> None:
         await self.writes.set_workspace_suspended(ACTOR, ws_id, True, "e2e")

@@ -79,6 +79,11 @@ def test_demo_seeds_through_the_admin_api_and_shows_every_case(tmp_path: Path) -
         ):
             assert code in out, code
         assert "access-proxy admin grants approve" in out
+        # The ineligible org's grant request is refused, and shown so.
+        assert (
+            "grants request --program gpt-5.6-preview --product api --subject org:hooli"
+            "   # refused: 422 not_eligible"
+        ) in out, out
         assert "ok realtime 404 model_not_found" in out, out
         assert f"base_url='http://127.0.0.1:{port}/v1'" in out
     finally:
@@ -163,7 +168,13 @@ async def test_embedded_redis_keeps_grants_across_a_restart(tmp_path: Path, stac
         proc = _start(config_path, env, log)
         try:
             await _wait_ready(session, admin_url, log)
-            await _admin(session, admin_url, "POST", "/admin/v1/orgs", {"id": "keep"})
+            await _admin(
+                session,
+                admin_url,
+                "POST",
+                "/admin/v1/orgs",
+                {"id": "keep", "account_representative": "Dana Reyes"},
+            )
             await _admin(
                 session,
                 admin_url,

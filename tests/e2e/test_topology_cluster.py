@@ -29,8 +29,8 @@ from tests.e2e.test_limits_and_admin_e2e import (  # noqa: F401
 )
 from tests.e2e.test_metering_e2e import test_streamed_and_plain_answers_are_metered  # noqa: F401
 from tests.e2e.topology_suite import LIMITS, failover_under_load, topology_stack
+from tests.integration.conftest import admin  # noqa: F401
 from tests.integration.test_admin_api import (  # noqa: F401
-    admin,
     test_explain_names_the_rule_and_the_facts,
     test_grant_lifecycle,
     test_keys_issue_once_and_revoke,
@@ -82,7 +82,13 @@ async def test_keys_of_a_workspace_share_a_slot_and_data_spreads(
     owners = set()
     for i in range(30):
         ws = f"ws-spread-{i}"
-        keys = [schema.rate_key(ws, "p"), schema.concurrency_key(ws, None), schema.usage_key(ws)]
+        keys = [
+            schema.rate_key(ws, "p"),
+            schema.concurrency_key(ws, None),
+            schema.token_key(ws, "p"),
+            schema.usage_key(ws),
+            schema.usage_day_key(ws, "2026-11-30"),
+        ]
         assert len({slot_of(k) for k in keys}) == 1
         owners.add(slot_of(keys[0]) * 3 // 16384)
     assert len(owners) == 3

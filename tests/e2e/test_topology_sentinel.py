@@ -26,8 +26,8 @@ from tests.e2e.test_limits_and_admin_e2e import (  # noqa: F401
 )
 from tests.e2e.test_metering_e2e import test_streamed_and_plain_answers_are_metered  # noqa: F401
 from tests.e2e.topology_suite import LIMITS, failover_under_load, topology_stack
+from tests.integration.conftest import admin  # noqa: F401
 from tests.integration.test_admin_api import (  # noqa: F401
-    admin,
     test_explain_names_the_rule_and_the_facts,
     test_grant_lifecycle,
     test_keys_issue_once_and_revoke,

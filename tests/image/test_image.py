@@ -210,8 +210,13 @@ class Container:
         raise AssertionError(f"not healthy within {START_DEADLINE_S} s:\n{self.logs()}")
 
 
-@pytest.fixture
-def container(docker: str, image: str, mock: MockProcess, tmp_path: Path) -> Iterator[Any]:
+@pytest.fixture(params=[1, 2], ids=["serve", "serve --workers 2"])
+def container(
+    request: pytest.FixtureRequest, docker: str, image: str, mock: MockProcess, tmp_path: Path
+) -> Iterator[Any]:
+    """The container, as the Kubernetes Deployment runs it (read-only root, writable tmpfs where
+    the state dir and the workers' metrics files go), with one process or two workers."""
+    workers: int = request.param
     data_port, admin_port = free_port(), free_port()
     mounts, token = container_config(tmp_path, mock.url, data_port, admin_port)
     name = f"access-proxy-test-{uuid.uuid4().hex[:8]}"
@@ -223,13 +228,15 @@ def container(docker: str, image: str, mock: MockProcess, tmp_path: Path) -> Ite
         "--volume", f"{mounts / 'secrets'}:/run/secrets/access-proxy:ro",
         "--env", f"UPSTREAM_API_KEY={UPSTREAM_KEY}",
         "--health-interval", "1s", "--health-start-period", "60s",
-        image,
+        image, "serve", "--workers", str(workers),
     ]  # fmt: skip
     run(cmd)
     box = Container(docker, name)
     try:
         box.wait_healthy()
-        say(f"container {name} healthy: data :{data_port}, admin :{admin_port}")
+        say(
+            f"container {name}, {workers} worker(s), healthy: data :{data_port} admin :{admin_port}"
+        )
         yield box, data_port, admin_port, token
     finally:
         say("container log:\n" + box.logs())
@@ -267,6 +274,8 @@ async def test_serve_allow_refuse_and_drain_on_sigterm(
     say(f"seeded through the admin CLI in the container: org acme, key {issued['key_id']}, {gid}")
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with session.delete(f"{mock.url}/_mock/requests") as resp:
+            assert resp.status in (200, 204)
         status, body = await chat(session, data_port, key, "gpt-5.5-alpha")
         say("allowed   gpt-5.5-alpha with a grant:", status, body["choices"][0]["message"])
         assert status == 200 and body["model"] == "gpt-5.5-alpha"
@@ -280,6 +289,18 @@ async def test_serve_allow_refuse_and_drain_on_sigterm(
             seen = (await resp.json())["requests"]
         auth = [v for r in seen for k, v in r["headers"] if k.lower() == "authorization"]
         assert auth == [f"Bearer {UPSTREAM_KEY}"], auth  # one forwarded, with the env secret
+        async with session.get(f"{admin_url}/metrics") as resp:
+            metrics = await resp.text()
+        counted = {
+            code: sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("access_proxy_requests_total{") and f'code="{code}"' in line
+            )
+            for code in ("ok", "model_not_found", "invalid_api_key")
+        }
+        say("/metrics access_proxy_requests_total by code:", counted)
+        assert counted == {"ok": 1.0, "model_not_found": 1.0, "invalid_api_key": 1.0}
 
         # A stream in flight when SIGTERM arrives finishes; then the container exits 0.
         stream_body = {

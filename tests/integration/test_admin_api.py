@@ -4,166 +4,25 @@ validation, token roles, the grant lifecycle and explain."""
 from __future__ import annotations
 
 import collections
-import hashlib
 import random
-import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import pytest
 import redis.asyncio
-from aiohttp import web
 
 from proxy import config
-from proxy.admin.api import AdminContext, admin_app
-from proxy.dataplane.app import DataPlane
-from proxy.identity import parse_peppers
 from proxy.mock_upstream import MockUpstream
-from proxy.snapshot import Holder
-from proxy.store.cache import FactCache
-from proxy.store.connection import Breaker, Gate, make_client
-from proxy.store.entitlements import Entitlements
-from proxy.store.writes import Writes
-
-TOKENS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ops": ("ops-token-0123456789abcdef", ("operator",)),
-    "provider-review": ("provider-token-0123456789", ("approver:provider",)),
-    "gov-review": ("gov-token-0123456789abcdef", ("approver:government",)),
-    "dashboards": ("viewer-token-0123456789abc", ("viewer",)),
-    "both-review": ("both-token-0123456789abcde", ("approver:provider", "approver:government")),
-}
-PEPPER = "v1:pepper-for-admin-tests-0123456789"
-RFC3339_Z = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z")
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def config_text(upstream_url: str = "http://127.0.0.1:9") -> str:
-    tokens = "\n".join(
-        f'    - {{name: {name}, sha256: "{sha(tok)}", roles: [{", ".join(roles)}]}}'
-        for name, (tok, roles) in TOKENS.items()
-    )
-    return f"""
-admin:
-  tokens:
-{tokens}
-upstreams:
-  models: {{url: "{upstream_url}"}}
-routes:
-  - {{path_prefix: /v1/, product: api, upstream: models}}
-  - {{path_prefix: /codex/v1/, product: codex, upstream: models, rewrite_prefix: /v1/}}
-  - {{path_prefix: /chatgpt/v1/, product: chatgpt, upstream: models, rewrite_prefix: /v1/}}
-programs:
-  gpt-5.6-preview:
-    models: [gpt-5.6-sol, gpt-5.6-terra, gpt-5.6-luna]
-    required_approvals: [provider, government]
-    phases: {{api: preview, codex: preview, chatgpt: closed}}
-  gpt-5.5-alpha:
-    models: [gpt-5.5-alpha]
-    required_approvals: [provider]
-    phases: {{api: preview, codex: ga, chatgpt: closed}}
-unlisted_models: allow
-"""
-
-
-@dataclass
-class Admin:
-    """A live admin app on loopback and a client session to call it with a named token."""
-
-    url: str
-    session: aiohttp.ClientSession
-    redis: redis.asyncio.Redis
-    cfg: config.Config
-    holder: Holder
-
-    async def call(
-        self,
-        token: str | None,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        params: dict[str, str] | None = None,
-        raw_auth: str | None = None,
-    ) -> tuple[int, Any]:
-        headers = {}
-        if raw_auth is not None:
-            headers["authorization"] = raw_auth
-        elif token is not None:
-            headers["authorization"] = f"Bearer {TOKENS[token][0]}"
-        async with self.session.request(
-            method, self.url + path, json=body, params=params, headers=headers
-        ) as resp:
-            text = await resp.text()
-            return resp.status, (await resp.json(content_type=None)) if text else None
-
-    async def ok(
-        self, token: str, method: str, path: str, body: Any = None, status: int = 200, **kw: Any
-    ) -> Any:
-        got, data = await self.call(token, method, path, body, **kw)
-        assert got == status, (got, data)
-        return data
-
-    # Shortcuts for setting up facts through the API itself.
-    async def org(self, org_id: str) -> None:
-        await self.ok("ops", "POST", "/admin/v1/orgs", {"id": org_id}, 201)
-
-    async def workspace(self, ws_id: str, org_id: str) -> None:
-        await self.ok("ops", "POST", "/admin/v1/workspaces", {"id": ws_id, "org_id": org_id}, 201)
-
-    async def key(self, ws_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = await self.ok(
-            "ops", "POST", f"/admin/v1/workspaces/{ws_id}/keys", {"name": "k"}, 201
-        )
-        return data
-
-    async def grant(
-        self, subject: str, program: str = "gpt-5.6-preview", product: str = "api", **extra: Any
-    ) -> dict[str, Any]:
-        body = {"program": program, "product": product, "subject": subject, **extra}
-        data: dict[str, Any] = await self.ok("ops", "POST", "/admin/v1/grants", body, 201)
-        return data
-
-
-async def start_admin(
-    redis_client: redis.asyncio.Redis, upstream_url: str = "http://127.0.0.1:9"
-) -> tuple[Admin, web.AppRunner]:
-    cfg = config.parse(config_text(upstream_url))
-    holder = Holder(cfg)
-    ctx = AdminContext(holder=holder, writes=Writes(redis_client), peppers=parse_peppers(PEPPER))
-    runner = web.AppRunner(admin_app(ctx), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    session = aiohttp.ClientSession()
-    return Admin(f"http://127.0.0.1:{port}", session, redis_client, cfg, holder), runner
-
-
-@pytest.fixture
-async def admin(redis_client: redis.asyncio.Redis) -> AsyncIterator[Admin]:
-    api, runner = await start_admin(redis_client)
-    try:
-        yield api
-    finally:
-        await api.session.close()
-        await runner.cleanup()
-
-
-def assert_error(data: Any, code: str, param: str | None = None) -> None:
-    assert set(data) >= {"error"}, data
-    err = data["error"]
-    assert set(err) == {"message", "type", "code", "param"}, err
-    assert err["code"] == code, err
-    assert err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-
+from tests.integration.conftest import (
+    RFC3339_Z,
+    TOKENS,
+    Admin,
+    assert_error,
+    config_text,
+    sha,
+    start_admin,
+    start_plane,
+)
 
 # --------------------------------------------------------------------------- auth and roles
 
@@ -261,7 +120,12 @@ def test_admin_listener_binds_loopback_by_default() -> None:
 
 async def test_orgs_and_workspaces(admin: Admin) -> None:
     org = await admin.ok("ops", "POST", "/admin/v1/orgs", {"id": "acme", "name": "Acme"}, 201)
-    assert org == {"id": "acme", "name": "Acme", "suspended": False}
+    assert org == {
+        "id": "acme",
+        "name": "Acme",
+        "suspended": False,
+        "account_representative": None,
+    }
     status, data = await admin.call("ops", "POST", "/admin/v1/orgs", {"id": "acme"})
     assert status == 409
     assert_error(data, "conflict")
@@ -761,17 +625,8 @@ async def test_explain_agrees_with_the_data_plane(
     upstream = MockUpstream()
     await upstream.start()
     admin, admin_runner = await start_admin(redis_client, upstream.url)
-    data_client = make_client(redis_url, timeout_s=2.0)
-    session = aiohttp.ClientSession()
-    cfg = admin.cfg
-    entitlements = Entitlements(
-        data_client, Gate(2.0, Breaker(3, 1.0)), FactCache(cfg.cache.max_entries)
-    )
-    plane = DataPlane(admin.holder, entitlements, parse_peppers(PEPPER), session)
-    plane_runner = web.ServerRunner(web.Server(plane.handle), access_log=None)
-    await plane_runner.setup()
-    await web.TCPSite(plane_runner, "127.0.0.1", 0).start()
-    plane_url = f"http://127.0.0.1:{plane_runner.addresses[0][1]}"
+    plane = await start_plane(redis_url, admin.holder)
+    session, plane_url, cfg = plane.session, plane.url, admin.cfg
     rng = random.Random(20250601)
     seen: collections.Counter[str] = collections.Counter()
     try:
@@ -825,11 +680,9 @@ async def test_explain_agrees_with_the_data_plane(
                     assert resp.status == explained["status"], context
                 seen[explained["rule"]] += 1
     finally:
-        await session.close()
-        await plane_runner.cleanup()
+        await plane.close()
         await admin.session.close()
         await admin_runner.cleanup()
-        await data_client.aclose()
         await upstream.stop()
     # The random cases reached the interesting rules, so the agreement means something.
     for rule in WANTED_RULES:

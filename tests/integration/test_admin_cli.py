@@ -7,59 +7,16 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-import redis.asyncio
-
 from proxy.admin.client import TOKEN_ENV, URL_ENV
-from tests.integration.test_admin_api import TOKENS, Admin, start_admin
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-async def run_cli(
-    admin: Admin, *args: str, token: str | None = "ops", via_env: bool = False
-) -> tuple[int, str, str]:
-    """Run the CLI; the URL and token go in flags after the command, or in the env."""
-    env = {k: v for k, v in os.environ.items() if k not in (URL_ENV, TOKEN_ENV)}
-    cmd = [sys.executable, "-m", "proxy.admin.cli", *args]
-    if via_env:
-        env[URL_ENV] = admin.url
-        if token is not None:
-            env[TOKEN_ENV] = TOKENS[token][0]
-    else:
-        cmd += ["--url", admin.url]
-        if token is not None:
-            cmd += ["--token", TOKENS[token][0]]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.integration.conftest import REPO, Admin, run_cli
 
 
 async def ok(admin: Admin, *args: str, **kw: Any) -> str:
     rc, out, err = await run_cli(admin, *args, **kw)
     assert rc == 0, (args, rc, out, err)
     return out
-
-
-@pytest.fixture
-async def admin(redis_client: redis.asyncio.Redis) -> AsyncIterator[Admin]:
-    api, runner = await start_admin(redis_client)
-    try:
-        yield api
-    finally:
-        await api.session.close()
-        await runner.cleanup()
 
 
 async def test_every_command_through_a_whole_lifecycle(admin: Admin) -> None:
@@ -69,7 +26,12 @@ async def test_every_command_through_a_whole_lifecycle(admin: Admin) -> None:
         ok(admin, "--json", "orgs", "create", "globex"),
     )
     assert "created org" in out and "Acme Corp" in out
-    assert json.loads(org_json) == {"id": "globex", "name": "", "suspended": False}
+    assert json.loads(org_json) == {
+        "id": "globex",
+        "name": "",
+        "suspended": False,
+        "account_representative": None,
+    }
     out = await ok(admin, "workspaces", "create", "acme-dev", "--org", "acme", via_env=True)
     assert "acme-dev" in out
     key_json, key_text, grant_json = await asyncio.gather(

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import redis.asyncio
 
 from proxy.store.audit import GENESIS, chain_hash, verify_chain
 from proxy.store.schema import AUDIT_HEAD, AUDIT_LIST, apikey_key, workspace_key
-from tests.integration.test_admin_api import RFC3339_Z, TOKENS, Admin, start_admin
-from tests.integration.test_admin_cli import run_cli
+from tests.integration.conftest import RFC3339_Z, TOKENS, Admin, run_cli
 
 ENTRY_FIELDS = {
     "seq",
@@ -29,16 +26,6 @@ ENTRY_FIELDS = {
     "prev_hash",
     "hash",
 }
-
-
-@pytest.fixture
-async def admin(redis_client: redis.asyncio.Redis) -> AsyncIterator[Admin]:
-    api, runner = await start_admin(redis_client)
-    try:
-        yield api
-    finally:
-        await api.session.close()
-        await runner.cleanup()
 
 
 async def stored_entries(r: redis.asyncio.Redis) -> list[dict[str, Any]]:

@@ -27,9 +27,7 @@ from proxy.store.writes import Actor, Writes
 from tests.conftest import free_port, wait_until
 
 ACTOR = Actor("test-operator", "test")
-LONG = CacheConfig(
-    ttl_seconds=60, stale_if_error_seconds=300, max_entries=1000
-)
+LONG = CacheConfig(ttl_seconds=60, stale_if_error_seconds=300, max_entries=1000)
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -233,13 +231,9 @@ async def test_stale_if_error_serves_known_facts_and_fails_closed_for_the_rest(
     await seed(private_redis.url)
     replica = Replica(private_redis.url)
     ent = replica.entitlements
-    short = CacheConfig(
-        ttl_seconds=0.05, stale_if_error_seconds=0.5, max_entries=1000
-    )
+    short = CacheConfig(ttl_seconds=0.05, stale_if_error_seconds=0.5, max_entries=1000)
     # The same entries, judged with a stale window far longer than this test can take.
-    patient = CacheConfig(
-        ttl_seconds=0.05, stale_if_error_seconds=300, max_entries=1000
-    )
+    patient = CacheConfig(ttl_seconds=0.05, stale_if_error_seconds=300, max_entries=1000)
     try:
         load_started = time.monotonic()
         known = await ent.facts_for("ws1", short)
@@ -304,9 +298,7 @@ async def test_a_redis_restart_fails_no_lookup(private_redis: RedisServer) -> No
     await seed(private_redis.url)
     replica = Replica(private_redis.url, failures=1)
     # No stale window: a failed read cannot hide behind an old entry.
-    cc = CacheConfig(
-        ttl_seconds=0.05, stale_if_error_seconds=0, max_entries=1000
-    )
+    cc = CacheConfig(ttl_seconds=0.05, stale_if_error_seconds=0, max_entries=1000)
     ops = ("workspace", "org", "grants", "standing")
     try:
         # The pooled connections are open to the Redis that is about to restart.

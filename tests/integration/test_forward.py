@@ -23,8 +23,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import Timeouts, Upstream
+from proxy.dataplane.capture import SSE_CAPTURE_BYTES, TAIL_BYTES
 from proxy.dataplane.forward import (
-    SSE_CAPTURE_BYTES,
     ForwardResult,
     UpstreamError,
     forward,
@@ -433,7 +433,7 @@ async def test_status_headers_and_json_capture_pass_through(
     assert 0 <= result.ttfb_seconds < DEADLINE
 
 
-async def test_body_over_capture_limit_streams_but_is_not_captured(
+async def test_body_over_capture_limit_streams_and_only_its_tail_is_kept(
     make_proxy: MakeProxy, upstream_url: str, client: aiohttp.ClientSession
 ) -> None:
     proxy = await make_proxy(upstream_url, capture_limit=1000)
@@ -441,7 +441,9 @@ async def test_body_over_capture_limit_streams_but_is_not_captured(
         body = await resp.read()
     assert len(body) > 5000
     (result,) = proxy.results
-    assert result.completed and result.captured == b"" and result.bytes_sent == len(body)
+    assert result.completed and result.bytes_sent == len(body)
+    assert not result.capture_whole
+    assert body.endswith(result.captured) and len(result.captured) == min(len(body), TAIL_BYTES)
 
 
 async def test_gzip_body_passes_untouched(

@@ -28,9 +28,7 @@ from tests.conftest import wait_until
 MISUSE = config.load(Path(__file__).resolve().parents[2] / "config" / "proxy.yaml").misuse
 ACTOR = Actor("test-operator", "test")
 PEPPERS = identity.parse_peppers("v1:invalidation-test-pepper-0123456789")
-LONG = CacheConfig(
-    ttl_seconds=60, stale_if_error_seconds=300, max_entries=1000
-)
+LONG = CacheConfig(ttl_seconds=60, stale_if_error_seconds=300, max_entries=1000)
 # Far above the 100 ms target, so a loaded machine cannot fail it; the measured time is printed.
 PROPAGATION_BOUND_S = 1.0
 
@@ -134,7 +132,7 @@ async def test_a_change_on_one_replica_evicts_the_entry_on_the_other(
 
     await propagation_time(key_revoked, "key revocation")
 
-    await a.writes.set_grant_flag(ACTOR, grant_id, "revoke", "review")
+    await a.writes.apply_grant_action(ACTOR, grant_id, "revoke", "review")
     await propagation_time(
         lambda: _true(facts(), lambda f: f.workspace_grants[("gpt-5.6-preview", "api")].revoked),
         "grant revocation",

@@ -154,7 +154,7 @@ async def test_serve_moves_the_keys_when_it_starts(
     redis_url: str, redis_client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from proxy.server import build_proxy
-    from tests.integration.test_admin_api import config_text
+    from tests.integration.conftest import config_text
 
     await _write_layout_1(redis_client)
     cfg = config.parse(config_text())

@@ -22,15 +22,15 @@ from proxy.identity import parse_peppers
 from proxy.reload import Reloader
 from proxy.snapshot import Holder
 from proxy.store.writes import Writes
-from tests.integration.test_admin_api import (
+from tests.integration.conftest import (
     PEPPER,
     RFC3339_Z,
     Admin,
     assert_error,
     config_text,
+    run_cli,
     start_admin,
 )
-from tests.integration.test_admin_cli import run_cli
 
 FLAGS = "/admin/v1/workspaces/{}/flags"
 STANDING = "/admin/v1/workspaces/{}/standing"

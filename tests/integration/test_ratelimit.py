@@ -36,7 +36,13 @@ MakeLimiter = Callable[..., Awaitable[RateLimiter]]
 
 
 def limit(rpm: int, burst: int, concurrent: int = 1000, shadow: bool = False) -> RateLimit:
-    return RateLimit(requests_per_minute=rpm, burst=burst, concurrent=concurrent, shadow=shadow)
+    return RateLimit(
+        requests_per_minute=rpm,
+        burst=burst,
+        concurrent=concurrent,
+        shadow=shadow,
+        tokens_per_minute=None,
+    )
 
 
 def sample(name: str, **labels: str) -> float:
@@ -213,7 +219,9 @@ from proxy.store.ratelimit import RateLimiter
 async def main(url, replica):
     client = make_client(url, timeout_s=None)
     limiter = RateLimiter(client, Gate(2.0, Breaker(3, 0.05)), replica)
-    rule = RateLimit(requests_per_minute=60, burst=10, concurrent=1000, shadow=False)
+    rule = RateLimit(
+        requests_per_minute=60, burst=10, concurrent=1000, shadow=False, tokens_per_minute=None
+    )
     await client.ping()
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)

@@ -212,7 +212,9 @@ def test_url_parsing() -> None:
 async def test_rate_limiter_loads_the_script_when_redis_forgot_it(redis_url: str) -> None:
     client = make_client(redis_url, timeout_s=None)
     limiter = RateLimiter(client, Gate(2.0, Breaker(3, 0.05)), "resp-replica")
-    rl = RateLimit(requests_per_minute=60, burst=2, concurrent=10, shadow=False)
+    rl = RateLimit(
+        requests_per_minute=60, burst=2, concurrent=10, shadow=False, tokens_per_minute=None
+    )
     try:
         await client.script_flush()
         first = await limiter.acquire("ws", None, rl)  # NOSCRIPT, then EVAL

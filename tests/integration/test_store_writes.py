@@ -233,15 +233,15 @@ async def test_grant_lifecycle(writes: Writes) -> None:
     assert grant_state(g, REQUIRED, at) == GrantState.ENABLED
 
     g = await audited(
-        writes, "grant.suspend", target, writes.set_grant_flag(ACTOR, gid, "suspend", "review")
+        writes, "grant.suspend", target, writes.apply_grant_action(ACTOR, gid, "suspend", "review")
     )
     assert g.suspended
     g = await audited(
-        writes, "grant.reinstate", target, writes.set_grant_flag(ACTOR, gid, "reinstate", "ok")
+        writes, "grant.reinstate", target, writes.apply_grant_action(ACTOR, gid, "reinstate", "ok")
     )
     assert not g.suspended
     g = await audited(
-        writes, "grant.revoke", target, writes.set_grant_flag(ACTOR, gid, "revoke", "ended")
+        writes, "grant.revoke", target, writes.apply_grant_action(ACTOR, gid, "revoke", "ended")
     )
     assert g.revoked and grant_state(g, REQUIRED, time.time()) == GrantState.REVOKED
     last = (await entries(writes.redis))[-1]
@@ -250,7 +250,7 @@ async def test_grant_lifecycle(writes: Writes) -> None:
 
     # Revoked is final: nothing changes it any more.
     for action in ("suspend", "reinstate", "revoke"):
-        await refused(writes, Conflict, writes.set_grant_flag(ACTOR, gid, action, "again"))
+        await refused(writes, Conflict, writes.apply_grant_action(ACTOR, gid, action, "again"))
     await refused(writes, Conflict, writes.enable_grant(ACTOR, gid, time.time()))
     await refused(writes, NotFound, writes.approve_grant(PROVIDER, "gr_nope", "provider", "x"))
     await refused(writes, NotFound, writes.enable_grant(ACTOR, "gr_nope", time.time()))

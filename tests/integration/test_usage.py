@@ -27,8 +27,7 @@ from proxy.redis_server import RedisServer
 from proxy.store.connection import make_client
 from proxy.store.usage import UsageStore
 from tests.conftest import free_port, wait_until
-from tests.integration.test_admin_api import TOKENS, start_admin
-from tests.integration.test_admin_cli import run_cli
+from tests.integration.conftest import TOKENS, run_cli, start_admin
 
 PRICING = Pricing(
     cache_write_multiplier=1.25,

@@ -119,8 +119,9 @@ def test_defaults_fill_every_optional_key() -> None:
     assert tiers["restricted"].blocked_categories == ("cyber",)
     assert tiers["cooldown"].block_seconds == 900
     assert tiers["suspended"].suspend and not tiers["watch"].suspend
-    assert cfg.rate_limits.default == config.RateLimit(600, 60, 50, False)
+    assert cfg.rate_limits.default == config.RateLimit(600, 60, 50, False, None)
     assert dict(cfg.rate_limits.programs) == {}
+    assert cfg.usage.retention_days == 400
     assert cfg.pricing.cache_write_multiplier == 1.25
     assert cfg.pricing.cached_input_discount == 0.9
     assert cfg.state_dir == ".state"
@@ -142,8 +143,28 @@ def test_program_rate_limit_inherits_unset_fields_from_default() -> None:
         "  programs: {gpt-5.6-preview: {requests_per_minute: 10}}\n"
     )
     cfg = config.parse(text)
-    assert cfg.rate_limits.for_program("gpt-5.6-preview") == config.RateLimit(10, 7, 3, False)
+    assert cfg.rate_limits.for_program("gpt-5.6-preview") == config.RateLimit(10, 7, 3, False, None)
     assert cfg.rate_limits.for_program(None).requests_per_minute == 100
+
+
+def test_token_limits_and_usage_retention() -> None:
+    text = (CONFIGS / "minimal.yaml").read_text() + (
+        "rate_limits:\n"
+        "  default: {tokens_per_minute: 5000}\n"
+        "  programs: {gpt-5.6-preview: {requests_per_minute: 10}}\n"
+        "usage: {retention_days: 30}\n"
+    )
+    cfg = config.parse(text)
+    assert cfg.rate_limits.for_program("gpt-5.6-preview").tokens_per_minute == 5000  # inherited
+    assert cfg.usage.retention_days == 30
+    for bad in ("tokens_per_minute: 0", "tokens_per_minute: -3", "tokens_per_minute: lots"):
+        broken = (CONFIGS / "minimal.yaml").read_text() + f"rate_limits:\n  default: {{{bad}}}\n"
+        with pytest.raises(config.ConfigError) as err:
+            config.parse(broken)
+        assert [i.path for i in err.value.issues] == ["rate_limits.default.tokens_per_minute"]
+    with pytest.raises(config.ConfigError) as err:
+        config.parse((CONFIGS / "minimal.yaml").read_text() + "usage: {retention_days: 0}\n")
+    assert [i.path for i in err.value.issues] == ["usage.retention_days"]
 
 
 def test_trusted_proxies_accept_addresses_and_networks() -> None:

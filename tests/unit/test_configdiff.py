@@ -186,7 +186,7 @@ NEW_TOKEN = "ab" * 32
             _set("rate_limits", "programs", "gpt-5.5-alpha", {"requests_per_minute": 5}),
             [
                 "+ rate_limits.programs.gpt-5.5-alpha: requests_per_minute 5, burst 60, "
-                "concurrent 50, shadow false"
+                "concurrent 50, shadow false, tokens_per_minute none"
             ],
         ),
         (
@@ -413,6 +413,8 @@ def test_every_declared_setting_shows_in_the_diff_by_its_declaration(
         value: Any = not current
     elif path == "pricing.cached_input_discount":
         value = current / 2
+    elif current is None:  # an optional number left unset (e.g. tokens_per_minute)
+        value = 1000
     else:
         value = current + 1
     new = copy.deepcopy(BASE)
@@ -422,6 +424,11 @@ def test_every_declared_setting_shows_in_the_diff_by_its_declaration(
         target = target.setdefault(part, {})
     target[leaf] = value
     changes = configdiff.diff(old_cfg, config.parse(yaml.safe_dump(new)))
+    if path.startswith("rate_limits.default."):
+        # A program limit that leaves the number unset inherits the change, and shows it.
+        inherited = [c for c in changes if c.path.startswith("rate_limits.programs.")]
+        assert all(c.path.endswith("." + leaf) for c in inherited)
+        changes = [c for c in changes if c not in inherited]
     restart = path in config.RESTART_ONLY or path.rpartition(".")[0] in config.RESTART_ONLY
     shown = path if not restart or path in config.RESTART_ONLY else path.rpartition(".")[0]
     assert [(c.path, c.restart_required) for c in changes] == [(shown, restart)]

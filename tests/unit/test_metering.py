@@ -12,7 +12,7 @@ import pytest
 from proxy import config
 from proxy.config import Price, Pricing
 from proxy.metering import Usage, extract_usage, price
-from proxy.mock_upstream import Usage as MockUsage
+from proxy.mock_upstream import ReportedUsage as MockUsage
 
 
 def sse(*events: Any, done: bool = True) -> bytes:

@@ -31,6 +31,8 @@ from proxy.policy import (
     grant_state,
     missing_approvals,
 )
+from proxy.policy.eligibility import org_eligible
+from proxy.policy.grants import ANSWER
 
 CONFIG_YAML = """
 upstreams:
@@ -44,6 +46,7 @@ programs:
     models: [gpt-5.6-sol, gpt-5.6-terra, gpt-5.6-luna]
     required_approvals: [provider, government]
     phases: {api: preview, codex: preview, chatgpt: closed}
+    eligibility: {requires_account_representative: true}
   gpt-5.5-alpha:
     models: [gpt-5.5-alpha]
     required_approvals: [provider]
@@ -190,12 +193,16 @@ class Situation:
     product: str
     model: str | None
     unlisted: str
+    org_has_representative: bool = True
     ws_grants: Mapping[tuple[str, str], GrantSpec] = field(default_factory=dict)
     org_grants: Mapping[tuple[str, str], GrantSpec] = field(default_factory=dict)
 
 
 def oracle(s: Situation) -> str | None:
-    """The first failing row of SPEC §3.4 (rows 3 to 10), or None when the request may go on."""
+    """The first failing row of SPEC §3.4 (rows 3 to 10), or None when the request may go on.
+
+    Eligibility (an account representative) is judged when a grant is requested, never here:
+    a grant outlives a representative cleared later (SPEC §4), so it plays no part below."""
     org_suspended = s.org_known and s.org_suspended
     if s.ws_suspended or org_suspended or s.standing.startswith("suspended"):
         return "workspace_suspended"
@@ -302,6 +309,7 @@ def situations(draw: st.DrawFn) -> Situation:
         product=product,
         model=model,
         unlisted=draw(st.sampled_from(("allow", "deny"))),
+        org_has_representative=draw(st.booleans()),
         ws_grants=draw_grants(draw, wanted),
         org_grants=draw_grants(draw, wanted),
     )
@@ -325,7 +333,15 @@ def to_grant(slot: tuple[str, str], spec: GrantSpec, subject: str) -> Grant:
 def facts_of(s: Situation) -> Facts:
     return Facts(
         workspace=Workspace("ws1", "org1", suspended=s.ws_suspended),
-        org=Org("org1", suspended=s.org_suspended) if s.org_known else None,
+        org=(
+            Org(
+                "org1",
+                suspended=s.org_suspended,
+                account_representative="Dana" if s.org_has_representative else None,
+            )
+            if s.org_known
+            else None
+        ),
         workspace_grants={k: to_grant(k, v, "workspace:ws1") for k, v in s.ws_grants.items()},
         org_grants={k: to_grant(k, v, "org:org1") for k, v in s.org_grants.items()},
         standing=STANDINGS[s.standing],
@@ -353,6 +369,27 @@ def test_first_failing_row_answers(s: Situation) -> None:
         slot = (program, s.product)
         expected = "workspace:ws1" if slot in s.ws_grants else "org:org1"
         assert decision.grant is not None and decision.grant.subject == expected
+
+
+def eligibility_oracle(program: str, org_known: bool, representative: str | None) -> bool:
+    """SPEC §4 restated: a program that requires an account representative may be requested
+    only for an org (or a workspace of an org) that has one."""
+    requires = program == PREVIEW  # the only program of CONFIG_YAML with the requirement
+    return not requires or (org_known and bool(representative))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    program=st.sampled_from(tuple(PROGRAMS)),
+    org_known=st.booleans(),
+    representative=st.sampled_from((None, "", "Dana Reyes")),
+)
+def test_a_grant_may_be_requested_exactly_when_the_org_is_eligible(
+    program: str, org_known: bool, representative: str | None
+) -> None:
+    org = Org("org1", account_representative=representative) if org_known else None
+    requires = ALLOW_UNLISTED.programs[program].eligibility.requires_account_representative
+    assert org_eligible(requires, org) is eligibility_oracle(program, org_known, representative)
 
 
 # --------------------------------------------------------------------------- rows 3 and 4
@@ -630,10 +667,12 @@ REQUIRED = ("provider", "government")
         (make_grant(enable_at=NOW + 60), NOW + 60, GrantState.ENABLED),
         (make_grant(), NOW, GrantState.ENABLED),
         (make_grant(suspended=True), NOW, GrantState.SUSPENDED),
-        (make_grant(suspended=True, approvals=()), NOW, GrantState.SUSPENDED),
+        # The state follows the decision's order: approvals (row 7) before suspension (row 9).
+        (make_grant(suspended=True, approvals=()), NOW, GrantState.REQUESTED),
         (make_grant(expires_at=NOW + 60), NOW, GrantState.ENABLED),
         (make_grant(expires_at=NOW + 60), NOW + 60, GrantState.EXPIRED),
-        (make_grant(expires_at=NOW - 1, suspended=True), NOW, GrantState.EXPIRED),
+        (make_grant(expires_at=NOW - 1, suspended=True), NOW, GrantState.SUSPENDED),
+        (make_grant(expires_at=NOW - 1, enable_at=None), NOW, GrantState.APPROVED),
         (make_grant(revoked=True), NOW, GrantState.REVOKED),
         (make_grant(revoked=True, suspended=True, expires_at=NOW - 1), NOW, GrantState.REVOKED),
     ],
@@ -658,16 +697,35 @@ def test_grant_state_is_derived_from_the_facts_and_the_clock(spec: GrantSpec, no
     signed_roles = len(set(signed.values()))
     if spec.revoked:
         expected = GrantState.REVOKED
-    elif spec.expires_at is not None and spec.expires_at <= now:
-        expected = GrantState.EXPIRED
-    elif spec.suspended:
-        expected = GrantState.SUSPENDED
     elif signed_roles == 0:
         expected = GrantState.REQUESTED
     elif signed_roles < len(REQUIRED):
         expected = GrantState.PENDING_REVIEW
-    elif spec.enable_at is not None and spec.enable_at <= now:
-        expected = GrantState.ENABLED
-    else:
+    elif spec.enable_at is None or spec.enable_at > now:
         expected = GrantState.APPROVED
+    elif spec.suspended:
+        expected = GrantState.SUSPENDED
+    elif spec.expires_at is not None and spec.expires_at <= now:
+        expected = GrantState.EXPIRED
+    else:
+        expected = GrantState.ENABLED
     assert grant_state(grant, REQUIRED, now) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    grant_specs(PREVIEW),
+    st.sampled_from(PROGRAMS[PREVIEW][0]),
+    st.sampled_from((NOW - HOUR, NOW, NOW + HOUR)),
+)
+def test_the_grant_state_is_what_the_decision_answers(
+    spec: GrantSpec, model: str, now: float
+) -> None:
+    """One ordering: a grant's state names the answer a request under it gets."""
+    grant = to_grant((PREVIEW, "api"), spec, "workspace:ws1")
+    state = grant_state(grant, REQUIRED, now)
+    decision = ask(make_facts((grant,)), model, now=now)
+    if state is not GrantState.REVOKED and not grant.covers_model(model):
+        assert (decision.code, decision.rule) == ("model_not_found", "grant.model_subset")
+    else:
+        assert (decision.code, decision.rule) == ANSWER[state]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from proxy import config
 from proxy.store.topology import parse_url
-from tests.integration.test_admin_api import config_text
+from tests.integration.conftest import config_text
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.dataplane.app import BodyError
-from proxy.dataplane.websocket import error_event, event_models, query_model
+from proxy.dataplane.websocket import _sendable, error_event, event_models, query_model
 from proxy.errors import CODES
 
 NAMES = ("gpt-5.6-sol", "gpt-4o-mini", "gpt-5.5-alpha")
@@ -152,3 +152,26 @@ def test_error_event_has_the_openai_error_shape() -> None:
         "param": None,
         "event_id": "evt_1",
     }
+
+
+@pytest.mark.parametrize(
+    ("received", "sent"),
+    [
+        (None, 1000),
+        (0, 1000),
+        (1000, 1000),
+        (1001, 1001),
+        (1005, 1000),
+        (1006, 1011),
+        (1008, 1008),
+        (1015, 1011),
+        (4000, 4000),
+        (999, 1000),
+        (2999, 1000),
+        (5000, 1000),
+    ],
+)
+def test_close_codes_pass_through_when_a_peer_may_send_them(
+    received: int | None, sent: int
+) -> None:
+    assert _sendable(received) == sent
