@@ -28,9 +28,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Builds the Docker image (and its base image when absent) and runs it end to end; needs a
-# Docker daemon and root. Not part of `test`.
+# Builds the Docker image (and its base image when absent) and runs it end to end; needs root
+# and Docker (installed with apt when missing; dockerd started when no daemon answers).
+# Not part of `test`.
 image-test: $(STAMP)
+	deploy/docker/image-test-prereqs.sh
 	ACCESS_PROXY_IMAGE_TEST=1 $(BIN)/pytest -v -s -p no:cacheprovider tests/image
 
 # Alert rules and their tests, and the dashboard's PromQL, through promtool (Debian: prometheus).

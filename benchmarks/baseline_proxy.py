@@ -1,7 +1,7 @@
 """The benchmark's baseline: a bare aiohttp pass-through proxy with no enforcement at all.
 
-It is set up as access-proxy's data plane is (the default asyncio event loop, a low-level
-``web.Server`` handler under a ``ServerRunner``, one shared client session made by
+It is set up as access-proxy's data plane is (the same event loop, see ``proxy.eventloop``; a
+low-level ``web.Server`` handler under a ``ServerRunner``, one shared client session made by
 ``proxy.dataplane.forward.make_session``, the answer streamed back chunk by chunk), so the
 difference measured against it is the cost of enforcement and nothing else.
 
@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from proxy import eventloop
 from proxy.dataplane.forward import make_session
 
 _HOP_BY_HOP = frozenset(
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8089")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.upstream))
+    eventloop.run(serve(args.host, args.port, args.upstream))
     return 0
 
 

@@ -3,7 +3,8 @@
 Starts a private Redis, the bundled mock upstream and the proxy; seeds orgs, workspaces, keys and
 grants through the admin API, exactly as an operator would (the equivalent ``access-proxy admin``
 commands are printed); then prints the keys, the admin tokens and ready-to-paste ``curl`` and
-``openai`` SDK commands that show an allowed call and every kind of deny. Ctrl-C stops it all.
+``openai`` SDK commands that show an allowed call, every kind of deny and a workspace paced by
+its token budget (``tokens_per_minute`` on the alpha). Ctrl-C stops it all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +27,22 @@ import aiohttp
 import yaml
 
 from proxy import config as config_mod
-from proxy import env
+from proxy import env, eventloop, startup
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
 
+DEMO_CONFIG = "demo.yaml"
 ROLES = {
     "ops": ["operator"],
     "provider-review": ["approver:provider"],
     "gov-review": ["approver:government"],
     "dashboards": ["viewer"],
 }
+
+
+ALPHA = "gpt-5.5-alpha"  # paced by tokens_per_minute in proxy/demo.yaml
+BIG_PROMPT = {"x-mock-prompt-tokens": "300"}  # the mock answers with this many prompt tokens
 
 
 @dataclass
@@ -47,11 +54,14 @@ class Case:
     expect: str
 
 
-def demo_config(
-    base: Path, port: int, admin_port: int, upstream_port: int
-) -> tuple[str, dict[str, str]]:
-    """The shipped config with the demo's ports and fresh admin tokens."""
-    data = yaml.safe_load(Path(base).read_text())
+def shipped_config() -> str:
+    """The demo's config, shipped inside the package (``proxy/demo.yaml``)."""
+    return resources.files("proxy").joinpath(DEMO_CONFIG).read_text()
+
+
+def demo_config(port: int, admin_port: int, upstream_port: int) -> tuple[str, dict[str, str]]:
+    """The shipped demo config with the demo's ports and fresh admin tokens."""
+    data = yaml.safe_load(shipped_config())
     tokens = {name: secrets.token_urlsafe(24) for name in ROLES}
     data["listen"] = {"host": "127.0.0.1", "port": port}
     data["admin"] = {
@@ -62,7 +72,6 @@ def demo_config(
         ],
     }
     data["upstreams"]["models"]["url"] = f"http://127.0.0.1:{upstream_port}"
-    data["pricing"]["models"]["gpt-5.6-terra"] = {"input": 5.0, "output": 20.0}
     return yaml.safe_dump(data, sort_keys=False), tokens
 
 
@@ -117,6 +126,7 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
         ("acme-contractors", "acme"),
         ("globex-main", "globex"),
         ("initech-lab", "initech"),
+        ("initech-batch", "initech"),
     ]:
         await a(
             "ops",
@@ -126,7 +136,14 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
             f"workspaces create {ws} --org {org}",
         )
     keys: dict[str, str] = {}
-    for ws in ["acme-research", "acme-prod", "acme-contractors", "globex-main", "initech-lab"]:
+    for ws in [
+        "acme-research",
+        "acme-prod",
+        "acme-contractors",
+        "globex-main",
+        "initech-lab",
+        "initech-batch",
+    ]:
         doc = await a(
             "ops", "POST", f"/admin/v1/workspaces/{ws}/keys", {"name": "demo"}, f"keys issue {ws}"
         )
@@ -335,39 +352,77 @@ async def check_realtime(
     return lines
 
 
+async def check_token_limit(
+    session: aiohttp.ClientSession, port: int, keys: dict[str, str]
+) -> list[str]:
+    """initech-batch spends its alpha token budget with large prompts until it is refused."""
+    statuses: list[str] = []
+    budget = "?"
+    body = {"model": ALPHA, "messages": [{"role": "user", "content": "hello"}]}
+    headers = {"authorization": f"Bearer {keys['initech-batch']}", **BIG_PROMPT}
+    for _ in range(10):
+        async with session.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=headers
+        ) as resp:
+            left = resp.headers.get("x-ratelimit-remaining-tokens", "?")
+            budget = resp.headers.get("x-ratelimit-limit-tokens", budget)
+            if resp.status == 200:
+                statuses.append(f"200 ({left} left)")
+                continue
+            code = (await resp.json())["error"]["code"]
+            statuses.append(f"{resp.status} {code}, retry-after {resp.headers.get('retry-after')}s")
+            break
+    refused = statuses[-1].startswith("429 rate_limit_exceeded")
+    title = f"token limit: {budget} tokens/min of the alpha"
+    return [f"  {'ok ' if refused else '?? '}{title:<52} -> {', '.join(statuses)}"]
+
+
 async def demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
-    state.mkdir(parents=True)
-    text, tokens = demo_config(
-        Path("config/proxy.yaml"), args.port, args.admin_port, args.upstream_port
-    )
+    startup.state_dir(str(state))
+    text, tokens = demo_config(args.port, args.admin_port, args.upstream_port)
     cfg_path = state / "proxy.yaml"
     cfg_path.write_text(text)
     env.set_default("UPSTREAM_API_KEY", "demo-upstream-key")
     cfg = config_mod.load(str(cfg_path))
+    for what, flag, port in (
+        ("data listener", "--port", args.port),
+        ("admin listener", "--admin-port", args.admin_port),
+        ("mock upstream", "--upstream-port", args.upstream_port),
+    ):
+        startup.port_free(what, flag, "127.0.0.1", port)
 
     redis = RedisServer(state / "redis", persistent=False)
-    await redis.start()
+    await startup.start_embedded(redis)
     upstream = MockUpstream()
-    await upstream.start("127.0.0.1", args.upstream_port)
-    env.set_default("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
-    proxy = await build_proxy(cfg, redis_url=redis.url, config_path=str(cfg_path))
-    await proxy.start()
+    proxy = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        try:
+            await upstream.start("127.0.0.1", args.upstream_port)
+        except OSError as exc:
+            raise startup.bind_error(
+                "mock upstream", "--upstream-port", "127.0.0.1", args.upstream_port, exc
+            ) from None
+        env.set_default("ACCESS_PROXY_PEPPER", "v1:" + secrets.token_urlsafe(24))
+        proxy = await build_proxy(cfg, redis_url=redis.url, config_path=str(cfg_path))
+        await proxy.start()
         async with aiohttp.ClientSession() as session:
             admin = AdminCalls(session, f"http://127.0.0.1:{args.admin_port}", tokens)
             keys, cases = await seed(admin)
             results = await check_cases(session, args.port, keys, cases)
             results += await check_realtime(session, args.port, keys)
+            results += await check_token_limit(session, args.port, keys)
         print(report(args, tokens, keys, cases, admin.commands, results), flush=True)
         await stop.wait()
     finally:
-        await proxy.stop()
+        if proxy is not None:
+            with contextlib.suppress(Exception):  # after a failed start, the first error counts
+                await proxy.stop()
         await upstream.stop()
         await redis.stop()
     return 0
@@ -415,12 +470,24 @@ def report(
         "  # realtime: a WebSocket upgrade without a grant is refused before upgrading",
         f"  curl -si 'http://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol' {_WS_HEADERS} "
         f"-H 'authorization: Bearer {keys['initech-lab']}'",
+        "  # token limit: the alpha's tokens_per_minute holds per workspace; the mock",
+        "  # answers with 300 prompt tokens here: a few calls spend it, the next is refused",
+        f"  curl -si http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer "
+        f"{keys['initech-lab']}' -H 'content-type: application/json' -H "
+        '\'x-mock-prompt-tokens: 300\' -d \'{"model": "gpt-5.5-alpha", "messages": '
+        '[{"role": "user", "content": "hi"}]}\' | grep -i -e "^HTTP" -e ratelimit-.*-tokens',
+        "  # usage and cost per UTC day (the CLI: admin usage show acme-research --from ...)",
+        f"  curl -s 'http://127.0.0.1:{admin_port}/admin/v1/workspaces/acme-research/usage"
+        f"?from={time.strftime('%Y-%m-%d', time.gmtime())}' -H 'authorization: Bearer "
+        f"{tokens['dashboards']}'",
         "  # what this key may use",
         f"  curl -s http://127.0.0.1:{port}/v1/models -H 'authorization: Bearer "
         f"{keys['acme-research']}'",
         "  # why a request is refused",
         f"  curl -s 'http://127.0.0.1:{admin_port}/admin/v1/explain?workspace=globex-main"
         f"&product=api&model=gpt-5.6-sol' -H 'authorization: Bearer {tokens['dashboards']}'",
+        "  # the same through the operator CLI (after the two exports above)",
+        "  access-proxy admin explain --workspace globex-main --product api --model gpt-5.6-sol",
         "",
         "With the openai SDK:",
         "  python - <<'EOF'",
@@ -451,7 +518,7 @@ def report(
         "  EOF",
         "",
         f"Metrics: curl -s http://127.0.0.1:{admin_port}/metrics"
-        " | grep access_proxy_requests_total",
+        " | grep -e access_proxy_requests_total -e access_proxy_tokens_total",
         "Ctrl-C stops everything.",
     ]
     return "\n".join(out)
@@ -459,6 +526,11 @@ def report(
 
 def run_demo(args: argparse.Namespace) -> int:
     configure_logging()
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(demo(args))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            return eventloop.run(demo(args))
+    except eventloop.LoopUnavailable as exc:
+        return startup.fail(startup.StartupError(str(exc), eventloop.FIX))
+    except startup.StartupError as exc:
+        return startup.fail(exc)
     return 0

@@ -14,7 +14,9 @@ LOG_LEVEL = "ACCESS_PROXY_LOG_LEVEL"  # the logging level of `serve` (default IN
 ADMIN_URL = "ACCESS_PROXY_ADMIN_URL"  # `access-proxy admin`: the admin API to talk to
 ADMIN_TOKEN = "ACCESS_PROXY_ADMIN_TOKEN"  # `access-proxy admin`: the bearer token
 WORKER = "ACCESS_PROXY_WORKER"  # set by the supervisor in each of its worker processes
+WORKER_OF_EMBEDDED = "embedded"  # WORKER's value when the supervisor runs the embedded Redis
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by the supervisor: metrics shared by workers
+LOOP = "ACCESS_PROXY_LOOP"  # auto (default: uvloop when installed), uvloop or asyncio
 
 
 def get(name: str) -> str | None:
@@ -39,9 +41,20 @@ def log_level() -> str:
     return get(LOG_LEVEL) or "INFO"
 
 
+def event_loop() -> str:
+    """``auto``, ``uvloop`` or ``asyncio`` (anything else is taken as ``auto``)."""
+    value = (get(LOOP) or "auto").strip().lower()
+    return value if value in ("uvloop", "asyncio") else "auto"
+
+
 def is_worker() -> bool:
     """Whether this process is one of the workers of ``serve --workers N``."""
     return get(WORKER) is not None
+
+
+def is_worker_of_embedded() -> bool:
+    """Whether this worker's supervisor runs the embedded Redis (and owns the state dir)."""
+    return get(WORKER) == WORKER_OF_EMBEDDED
 
 
 def multiproc_dir() -> str | None:
@@ -49,12 +62,12 @@ def multiproc_dir() -> str | None:
 
 
 def worker_environment(redis_url: str | None, multiproc_dir: str) -> dict[str, str]:
-    """The environment of a worker process started by the supervisor."""
+    """The environment of a worker process; ``redis_url`` is the supervisor's embedded Redis."""
     out = dict(os.environ)
     if redis_url is not None:
         out[REDIS_URL] = redis_url
     out[MULTIPROC_DIR] = multiproc_dir
-    out[WORKER] = "1"
+    out[WORKER] = "1" if redis_url is None else WORKER_OF_EMBEDDED
     return out
 
 

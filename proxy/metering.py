@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError, ResponseError
 
 from proxy import metrics
+from proxy.background import Backoff, Task
 from proxy.config import Pricing
 from proxy.store.usage import UsageDelta, UsageStore, day_of
 
@@ -252,7 +253,7 @@ class Meter:
         self._writing: dict[tuple[str, str | None, str], UsageDelta] = {}
         self._wake = asyncio.Event()
         self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._task = Task("usage-meter", self._run)
         self._tokens: dict[tuple[str, str], Any] = {}
         self._cost: dict[tuple[str, str], Any] = {}
         self._unmetered: dict[tuple[str, str], Any] = {}
@@ -329,24 +330,19 @@ class Meter:
             self._add_pending(key, delta)
 
     def start(self) -> None:
-        if self._task is None:
+        if not self._task.running:
             self._stopping = False
-            self._task = asyncio.create_task(self._run(), name="usage-meter")
+            self._task.start()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Write what is pending, for up to ``timeout`` seconds, then stop the writer."""
-        task, self._task = self._task, None
-        if task is None:
+        if not self._task.running:
             return
         self._stopping = True
         self._stopped.set()
         self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.wait(timeout)
+        await self._task.stop()
         if self._pending:
             log.warning(
                 "usage of %d workspace/model pairs not written: Redis unavailable at shutdown",
@@ -354,7 +350,7 @@ class Meter:
             )
 
     async def _run(self) -> None:
-        delay = self.retry_initial_s
+        backoff = Backoff(self.retry_initial_s, self.retry_max_s)
         failing = False
         while True:
             if not self._pending:
@@ -383,7 +379,7 @@ class Meter:
                 if failing:
                     log.info("usage writes to Redis resumed")
                 failing = False
-                delay = self.retry_initial_s
+                backoff.reset()
                 self._writing = {}
                 if not self._stopping:
                     # Let answers gather: one write per interval, whatever the request rate.
@@ -392,8 +388,7 @@ class Meter:
                 continue
             finally:
                 self._writing = {}
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.retry_max_s)
+            await backoff.wait()
 
     def _failed(
         self, batch: dict[tuple[str, str | None, str], UsageDelta], exc: Exception, failing: bool

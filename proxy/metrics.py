@@ -1,11 +1,39 @@
 """Every Prometheus metric, defined once (SPEC §9). Labels are bounded: products, programs,
-codes, tiers and categories come from config or fixed tables, never from clients."""
+codes, tiers and categories come from config or fixed tables, never from clients.
+
+``exposition()`` renders ``/metrics``: this process's registry, or with ``--workers N`` the view
+merged from every worker's multiprocess files, with the same series either way: counters with
+known labels from 0, ``process_*`` summed over the workers, one ``config_info`` series.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from proxy import env
+
+# Series that a merged view of several processes cannot show are left out of one process too:
+# the *_created timestamps, and the garbage collector's per-process internals.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+REGISTRY.unregister(GC_COLLECTOR)
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DECISION = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1)
@@ -68,7 +96,8 @@ CONFIG_INFO = Gauge(
     "access_proxy_config_info",
     "The active config version (content hash); value 1.",
     ["version"],
-    multiprocess_mode="liveall",
+    # Merged: 1 for a version some live worker runs; retired versions (0) are left out.
+    multiprocess_mode="livemax",
 )
 MISUSE_FLAGS = Counter(
     "access_proxy_misuse_flags_total",
@@ -134,3 +163,63 @@ def track_inflight(read: Callable[[], float], multiprocess: bool) -> Callable[[]
         INFLIGHT.set_function(read)
         return None
     return lambda: INFLIGHT.set(read())
+
+
+def exposition() -> bytes:
+    """The text of ``/metrics`` for this process, or for all workers when they share files."""
+    path = env.multiproc_dir()
+    if not path:
+        return generate_latest()
+    registry = CollectorRegistry()
+    registry.register(_Merged(path))
+    registry.register(_WorkersProcess(path))
+    PlatformCollector(registry=registry)
+    return generate_latest(registry)
+
+
+class _Merged(Collector):
+    """The workers' multiprocess files, without the zeroed versions of ``config_info``."""
+
+    def __init__(self, path: str) -> None:
+        self._inner = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._inner.collect():  # type: ignore[no-untyped-call]
+            if metric.name == "access_proxy_config_info":
+                metric.samples = [s for s in metric.samples if s.value]
+            yield metric
+
+
+_WORKER_FILE = re.compile(r"_(\d+)\.db$")
+# How the workers' process series combine: the earliest start, the tightest fd limit, else sums.
+_COMBINE: dict[str, Callable[[Iterable[float]], float]] = {
+    "process_start_time_seconds": min,
+    "process_max_fds": min,
+}
+
+
+class _WorkersProcess(Collector):
+    """``process_*`` of the live workers (those with files in ``path``), combined."""
+
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+
+    def _pids(self) -> list[int]:
+        found = {
+            int(m.group(1)) for f in self._path.glob("*.db") if (m := _WORKER_FILE.search(f.name))
+        }
+        return sorted(p for p in found if Path(f"/proc/{p}").exists())
+
+    def collect(self) -> Iterable[Metric]:
+        per_worker = [
+            list(ProcessCollector(pid=lambda p=pid: p, registry=None).collect())  # type: ignore[misc]
+            for pid in self._pids()
+        ]
+        if not per_worker:
+            return
+        for i, family in enumerate(per_worker[0]):
+            combine = _COMBINE.get(family.name, sum)
+            for j, sample in enumerate(family.samples):
+                values = [w[i].samples[j].value for w in per_worker if len(w) > i]
+                family.samples[j] = sample._replace(value=combine(values))
+            yield family

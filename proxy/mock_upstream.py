@@ -59,6 +59,7 @@ import brotli
 import zstandard
 from aiohttp import web
 
+from proxy import eventloop
 from proxy.mock_realtime import Realtime
 
 DEFAULT_MODELS: Final = (
@@ -1053,7 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         await run_forever(upstream, host=args.host, port=args.port, until=stopping, on_ready=ready)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+        eventloop.run(serve())
     return 0
 
 

@@ -43,7 +43,14 @@ _AUTO_PORT_ATTEMPTS = 3
 
 
 class RedisServerError(RuntimeError):
-    """The embedded Redis could not be found, started or stopped."""
+    """The embedded Redis could not be found, started or stopped.
+
+    ``brief`` says why in one line (redis-server's own last complaint, when it logged one).
+    """
+
+    def __init__(self, message: str, brief: str | None = None) -> None:
+        super().__init__(message)
+        self.brief = brief or message
 
 
 def find_redis_server() -> str:
@@ -140,7 +147,9 @@ class RedisServer:
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        # Absolute: redis-server runs with its data directory as cwd, where a relative --dir
+        # would name a directory that does not exist (SPEC §2: relative to where we started).
+        self.data_dir = Path(data_dir).absolute()
         self.persistent = persistent
         self.unix_socket = unix_socket
         self.start_timeout = start_timeout
@@ -220,11 +229,11 @@ class RedisServer:
                     return
                 if time.monotonic() >= deadline:
                     await self.stop()
-                    raise RedisServerError(self._failure("did not answer PING in time"))
+                    raise self._failure("did not answer PING in time")
                 await asyncio.sleep(_POLL_INTERVAL)
             self._reap()
             if not attempt:
-                raise RedisServerError(self._failure("exited during start"))
+                raise self._failure("exited during start")
 
     def start_sync(self) -> None:
         """Start Redis and return once it answers PING, blocking the calling thread."""
@@ -239,11 +248,11 @@ class RedisServer:
                     return
                 if time.monotonic() >= deadline:
                     self.stop_sync()
-                    raise RedisServerError(self._failure("did not answer PING in time"))
+                    raise self._failure("did not answer PING in time")
                 time.sleep(_POLL_INTERVAL)
             self._reap()
             if not attempt:
-                raise RedisServerError(self._failure("exited during start"))
+                raise self._failure("exited during start")
 
     async def stop(self) -> None:
         """SIGTERM, wait up to `stop_timeout`, then SIGKILL. A no-op when not running."""
@@ -332,10 +341,18 @@ class RedisServer:
             self._log.close()
             self._log = None
 
-    def _failure(self, what: str) -> str:
+    def _failure(self, what: str) -> RedisServerError:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             lines = []
         tail = "\n".join(lines[-_LOG_TAIL_LINES:]) or "(empty log)"
-        return f"embedded Redis on port {self._port} {what}; last lines of {self.log_path}:\n{tail}"
+        # redis-server marks warnings and fatal errors with " # " after the timestamp.
+        complaints = [line.split(" # ", 1)[1].strip() for line in lines if " # " in line]
+        brief = f"embedded redis-server {what}"
+        if complaints:
+            brief += f": {complaints[-1]}"
+        return RedisServerError(
+            f"embedded Redis on port {self._port} {what}; last lines of {self.log_path}:\n{tail}",
+            f"{brief} (log: {self.log_path})",
+        )

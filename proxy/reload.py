@@ -33,6 +33,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from proxy import config, configdiff, metrics
+from proxy.background import every
 from proxy.config import Config, ConfigError, ConfigIssue
 from proxy.snapshot import Holder
 from proxy.store.pubsub import subscribe_forever
@@ -278,7 +279,8 @@ class Reloader:
     async def start(self) -> None:
         """Watch the file, and listen for reloads announced on Redis when a client was given."""
         self.check_file("start")  # the file may have changed since the running config was read
-        self._tasks.append(asyncio.create_task(self._watch(), name="config-watch"))
+        watch = every(lambda: self.poll_interval, self.check_file, "config file watch")
+        self._tasks.append(asyncio.create_task(watch, name="config-watch"))
         if self.redis is not None:
             self._tasks.append(asyncio.create_task(self._subscribe(), name="config-reload-sub"))
 
@@ -323,14 +325,6 @@ class Reloader:
         if _digest(text) == self._seen_digest:
             return None
         return self._apply(trigger, text, quiet_if_unchanged=True)
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                self.check_file()
-            except Exception:
-                log.exception("config file watch failed")
 
     async def _subscribe(self) -> None:
         assert self.redis is not None

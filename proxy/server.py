@@ -16,17 +16,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import config as config_mod
-from proxy import env, identity, metrics
+from proxy import env, eventloop, identity, metrics, startup
 from proxy.admin.api import AdminContext, admin_app
+from proxy.background import Task, every
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
 from proxy.dataplane.app import DataPlane, DataServer, Hooks
@@ -52,16 +52,6 @@ log = logging.getLogger("access_proxy")
 
 def embedded_redis(cfg: Config) -> RedisServer:
     return RedisServer(Path(cfg.state_dir) / "redis", persistent=True)
-
-
-def metrics_payload() -> bytes:
-    if env.multiproc_dir():
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry)
-    return generate_latest()
 
 
 @dataclass
@@ -137,37 +127,50 @@ class Proxy:
         )
         dataplane = self.dataplane
         copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)
-        self.inflight_task = asyncio.create_task(_every(1.0, copy)) if copy else None
+        self.inflight = Task(
+            "inflight-gauge",
+            lambda: every(1.0, copy or (lambda: None), "in-flight gauge", first_wait=False),
+        )
+        if copy is not None:
+            self.inflight.start()
 
         # No access log on the data listener: no per-request logging on the hot path.
         server = DataServer(self.dataplane.handle, handler_cancellation=True, access_log=None)
         self.data_runner = web.ServerRunner(
             server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
         )
-        await self.data_runner.setup()
-        data_site = web.TCPSite(
-            self.data_runner,
-            cfg.listen.host,
-            self.data_port if self.data_port is not None else cfg.listen.port,
-            reuse_port=self.reuse_port or None,
-            backlog=1024,
-        )
-        await data_site.start()
-
         self.admin_runner = web.AppRunner(
             self._admin_app(), shutdown_timeout=5.0, handle_signals=False, access_log=None
         )
+        await self.data_runner.setup()
         await self.admin_runner.setup()
-        admin_site = web.TCPSite(
+        await self._bind(
+            self.data_runner,
+            "data listener",
+            "listen.port",
+            cfg.listen.host,
+            self.data_port if self.data_port is not None else cfg.listen.port,
+            backlog=1024,
+        )
+        await self._bind(
             self.admin_runner,
+            "admin listener",
+            "admin.listen.port",
             cfg.admin.listen.host,
             self.admin_port if self.admin_port is not None else cfg.admin.listen.port,
-            reuse_port=self.reuse_port or None,
         )
-        await admin_site.start()
         self.data_port = _bound_port(self.data_runner)
         self.admin_port = _bound_port(self.admin_runner)
         metrics.CONFIG_INFO.labels(cfg.version).set(1)
+
+    async def _bind(
+        self, runner: web.BaseRunner, what: str, setting: str, host: str, port: int, **kw: Any
+    ) -> None:
+        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None, **kw)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise startup.bind_error(what, setting, host, port, exc) from None
 
     def _config_swapped(self, old: Config, new: Config) -> None:
         """Apply what lives outside the snapshot: the Redis deadline and breaker settings."""
@@ -208,19 +211,21 @@ class Proxy:
             "redis": "ok" if redis_ok else "unreachable",
             "invalidation": "subscribed" if self.subscriber.connected.is_set() else "down",
             "draining": self.draining,
+            "event_loop": eventloop.running(),
         }
         return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=metrics_payload(), headers={"content-type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=metrics.exposition(), headers={"content-type": CONTENT_TYPE_LATEST}
+        )
 
     async def stop(self) -> None:
         """Turn /readyz to 503, stop accepting, drain in-flight requests (up to the grace)."""
         self.draining = True
         await self.sessions.stop()  # a session may last hours: it is ended, not drained
         await self.data_runner.cleanup()
-        if self.inflight_task is not None:
-            self.inflight_task.cancel()
+        await self.inflight.stop()
         await self.admin_runner.cleanup()
         if self.reloader is not None:
             await self.reloader.stop()
@@ -232,12 +237,6 @@ class Proxy:
         if self.migration is not None:
             self.migration.cancel()
         await self.topology.aclose()
-
-
-async def _every(period: float, fn: Callable[[], None]) -> None:
-    while True:
-        fn()
-        await asyncio.sleep(period)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -252,18 +251,25 @@ async def build_proxy(
     reuse_port: bool = False,
     config_path: str | None = None,
 ) -> Proxy:
-    """Wire a Proxy for ``cfg``, starting the embedded Redis when the URL says so."""
+    """Wire a Proxy for ``cfg``, starting the embedded Redis when the URL says so.
+
+    Raises :class:`StartupError` (one line: cause and fix) for what an operator can fix.
+    """
     url = redis_url or config_mod.redis_url(cfg)
+    embedded_here = url == "embedded"
+    # A worker of a supervisor that runs the embedded Redis shares its state directory.
+    own_state = embedded_here or env.is_worker_of_embedded()
+    pepper_here = own_state and not (env.secret(cfg.keys.pepper_env) or cfg.keys.pepper_file)
+    if embedded_here or pepper_here:
+        startup.state_dir(cfg.state_dir)
+    peppers = startup.peppers(cfg, cfg.state_dir if own_state else None)
     embedded: RedisServer | None = None
-    if url == "embedded":
+    if embedded_here:
         embedded = embedded_redis(cfg)
-        await embedded.start()
+        await startup.start_embedded(embedded)
         url = embedded.url
-    peppers = identity.load_peppers(
-        cfg.keys.pepper_env,
-        cfg.keys.pepper_file,
-        cfg.state_dir if (embedded is not None or env.is_worker()) else None,
-    )
+    else:
+        await startup.redis_reachable(url)
     return Proxy(
         Holder(cfg),
         url,
@@ -283,7 +289,14 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
         loop.add_signal_handler(sig, stop.set)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     proxy = await build_proxy(cfg, reuse_port=worker, config_path=cfg.source)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except BaseException:
+        with contextlib.suppress(Exception):  # a partial start: the first error is the one
+            await proxy.stop()
+        if proxy.embedded is not None:
+            await proxy.embedded.stop()
+        raise
     log.info(
         "access-proxy serving: data %s:%s, admin %s:%s, config %s",
         cfg.listen.host,
@@ -306,11 +319,20 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     """Run ``workers`` serve processes on shared ports; forward signals; stop Redis last."""
     redis: RedisServer | None = None
     url = config_mod.redis_url(cfg)
-    if url == "embedded":
+    embedded = url == "embedded"
+    if embedded:
+        startup.state_dir(cfg.state_dir)
+    startup.peppers(cfg, cfg.state_dir if embedded else None)
+    # The workers bind with SO_REUSEPORT, which would share a port another process holds.
+    startup.port_free("data listener", "listen.port", cfg.listen.host, cfg.listen.port)
+    startup.port_free(
+        "admin listener", "admin.listen.port", cfg.admin.listen.host, cfg.admin.listen.port
+    )
+    if embedded:
         redis = embedded_redis(cfg)
-        redis.start_sync()
-    peppers_dir = cfg.state_dir
-    identity.load_peppers(cfg.keys.pepper_env, cfg.keys.pepper_file, peppers_dir)
+        startup.start_embedded_sync(redis)
+    else:
+        asyncio.run(startup.redis_reachable(url))
     multiproc = tempfile.mkdtemp(prefix="access-proxy-metrics-")
     worker_env = env.worker_environment(redis.url if redis is not None else None, multiproc)
     cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", config_path, "--workers", "1"]
@@ -368,9 +390,13 @@ def run_serve(config_path: str | None, workers: int) -> int:
     try:
         cfg = config_mod.load(config_path)
     except config_mod.ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
+        return startup.fail(startup.invalid_config(exc))
     path = cfg.source
-    if workers > 1 and not env.is_worker():
-        return supervise(cfg, path, workers)
-    return asyncio.run(serve(cfg, worker=env.is_worker()))
+    try:
+        if workers > 1 and not env.is_worker():
+            return supervise(cfg, path, workers)
+        return eventloop.run(serve(cfg, worker=env.is_worker()))
+    except eventloop.LoopUnavailable as exc:
+        return startup.fail(startup.StartupError(str(exc), eventloop.FIX))
+    except startup.StartupError as exc:
+        return startup.fail(exc)

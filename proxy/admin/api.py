@@ -23,14 +23,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from proxy import metrics
-from proxy.admin.explain import explain, grant_view, time_or_none
+from proxy.admin.explain import explain, grant_view
 from proxy.config import AdminToken, Config
 from proxy.errors import CODES, error_payload
 from proxy.identity import Peppers
-from proxy.policy.standing import Flag, Standing, StandingView, evaluate_standing
+from proxy.policy.standing import Flag, Standing, StandingView, describe, evaluate_standing
 from proxy.snapshot import Holder
-from proxy.store.audit import read_entries
+from proxy.store.audit import read_entries, rfc3339
 from proxy.store.schema import AUDIT_HEAD
 from proxy.store.usage import UsageStore, day_of, days_between, sum_views
 from proxy.store.writes import (
@@ -201,37 +200,6 @@ def _subject(value: Any) -> str:
     return str(value)
 
 
-def standing_view(
-    standing: Standing, view: StandingView, window: float, now: float
-) -> dict[str, Any]:
-    """The standing answer: score and tier now, the cooldown end, and the flags in the window."""
-    return {
-        "score": view.score,
-        "tier": view.tier_name,
-        "until": time_or_none(view.cooldown_until),
-        "suspended": view.suspended,
-        "suspended_at": time_or_none(standing.suspended_at) if standing.suspended else None,
-        "shadow_tier": view.shadow_tier.name if view.shadow_tier is not None else None,
-        "flags": [
-            {
-                "at": time_or_none(f.at),
-                "expires_at": time_or_none(f.at + window),
-                "category": f.category,
-                "severity": f.severity,
-                "source": f.source,
-                "note": f.note,
-            }
-            for f in standing.flags
-            if now - window < f.at <= now
-        ],
-    }
-
-
-def _count_transition(before: StandingView, after: StandingView) -> None:
-    if after.tier_name != before.tier_name:
-        metrics.TIER_TRANSITIONS.labels(after.tier_name).inc()
-
-
 # --------------------------------------------------------------------------- the API
 
 
@@ -239,6 +207,7 @@ class AdminAPI:
     def __init__(self, ctx: AdminContext) -> None:
         self.ctx = ctx
         self.writes = ctx.writes
+        self.read = ctx.writes.read
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -309,7 +278,7 @@ class AdminAPI:
     async def get_org(self, request: web.Request) -> web.Response:
         self._need(request, "read")
         org_id = request.match_info["org"]
-        org = await self.writes.org(org_id)
+        org = await self.read.org(org_id)
         if org is None:
             raise NotFound(f"org {org_id} not found")
         return web.json_response(org_dict(org))
@@ -350,13 +319,7 @@ class AdminAPI:
         reason = _check_text(body["reason"], "reason")
         suspend = request.match_info["action"] == "suspend"
         ws_id = request.match_info["ws"]
-        before: StandingView | None = None
-        if not suspend:  # a reinstate also lifts a misuse suspension: a tier change
-            _, before, _ = await self._standing(ws_id, cfg)
-        ws = await self.writes.set_workspace_suspended(actor, ws_id, suspend, reason)
-        if before is not None:
-            _, after, _ = await self._standing(ws_id, cfg)
-            _count_transition(before, after)
+        ws = await self.writes.set_workspace_suspended(actor, ws_id, suspend, reason, cfg.misuse)
         return web.json_response(workspace_dict(ws))
 
     # keys ---------------------------------------------------------------------
@@ -430,7 +393,7 @@ class AdminAPI:
     async def get_grant(self, request: web.Request) -> web.Response:
         cfg, _ = self._need(request, "read")
         grant_id = request.match_info["grant_id"]
-        grant = await self.writes.grant(grant_id)
+        grant = await self.read.grant(grant_id)
         if grant is None:
             raise NotFound(f"grant {grant_id} not found")
         return web.json_response(grant_view(grant, cfg, time.time()))
@@ -439,7 +402,7 @@ class AdminAPI:
         cfg, _ = self._need(request, "read")
         q = _query(request, ("subject", "program", "product"))
         subject = _subject(q["subject"]) if "subject" in q else None
-        grants = await self.writes.grants(subject, q.get("program"), q.get("product"))
+        grants = await self.read.grant_list(subject, q.get("program"), q.get("product"))
         now = time.time()
         return web.json_response({"grants": [grant_view(g, cfg, now) for g in grants]})
 
@@ -455,7 +418,7 @@ class AdminAPI:
                 "forbidden", f"token {token.name!r} may approve as {mine} only, not as {role}"
             )
         grant_id = request.match_info["grant_id"]
-        grant = await self.writes.grant(grant_id)
+        grant = await self.read.grant(grant_id)
         if grant is None:
             raise NotFound(f"grant {grant_id} not found")
         program = cfg.programs.get(grant.program)
@@ -489,17 +452,16 @@ class AdminAPI:
     # misuse standing ------------------------------------------------------------
 
     async def _standing(self, ws_id: str, cfg: Config) -> tuple[Standing, StandingView, float]:
-        if await self.writes.workspace(ws_id) is None:
+        if await self.read.workspace(ws_id) is None:
             raise NotFound(f"workspace {ws_id} not found")
-        standing = await self.writes.standing(ws_id)
+        standing = await self.read.standing(ws_id)
         now = time.time()
         return standing, evaluate_standing(standing, cfg.misuse, now), now
 
     async def _standing_answer(self, ws_id: str, cfg: Config, status: int = 200) -> web.Response:
         standing, view, now = await self._standing(ws_id, cfg)
-        return web.json_response(
-            standing_view(standing, view, cfg.misuse.window_seconds, now), status=status
-        )
+        answer = describe(view, standing, window=cfg.misuse.window_seconds, now=now, time=rfc3339)
+        return web.json_response(answer, status=status)
 
     async def add_flag(self, request: web.Request) -> web.Response:
         cfg, actor = self._need(request, "operator")
@@ -540,9 +502,7 @@ class AdminAPI:
         body = await _body(request, ("reason",), ())
         reason = _check_text(body["reason"], "reason")
         ws_id = request.match_info["ws"]
-        _, before, _ = await self._standing(ws_id, cfg)
-        after = await self.writes.clear_standing(actor, ws_id, reason, cfg.misuse)
-        _count_transition(before, after)
+        await self.writes.clear_standing(actor, ws_id, reason, cfg.misuse)
         return await self._standing_answer(ws_id, cfg)
 
     # usage -----------------------------------------------------------------------
@@ -554,7 +514,7 @@ class AdminAPI:
         cfg, _ = self._need(request, "read")
         q = _query(request, ("from", "to"))
         ws_id = request.match_info["ws"]
-        if await self.writes.workspace(ws_id) is None:
+        if await self.read.workspace(ws_id) is None:
             raise NotFound(f"workspace {ws_id} not found")
         store = self.ctx.usage or UsageStore(self.redis)
         if not q:

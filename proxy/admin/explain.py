@@ -18,9 +18,9 @@ from proxy.policy import Decision, Facts, Grant, RequestInfo, decide
 from proxy.policy.eligibility import org_eligible
 from proxy.policy.facts import Org
 from proxy.policy.grants import grant_state, missing_approvals
-from proxy.policy.standing import evaluate_standing
-from proxy.store import schema
+from proxy.policy.standing import describe, evaluate_standing
 from proxy.store.audit import rfc3339
+from proxy.store.facts import FactReader
 from proxy.store.schema import KeyRecord
 from proxy.store.writes import NotFound
 
@@ -55,27 +55,6 @@ def grant_view(g: Grant, cfg: Config, now: float) -> dict[str, Any]:
         "suspended": g.suspended,
         "revoked": g.revoked,
     }
-
-
-async def read_facts(redis: aioredis.Redis, ws_id: str) -> Facts | None:
-    """Fresh facts for one workspace from Redis, or None when it does not exist."""
-    ws = schema.workspace_from_hash(ws_id, await redis.hgetall(schema.workspace_key(ws_id)))
-    if ws is None:
-        return None
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(schema.org_key(ws.org_id))
-        pipe.hgetall(schema.subject_grants_key("workspace:" + ws_id))
-        pipe.hgetall(schema.subject_grants_key("org:" + ws.org_id))
-        pipe.hgetall(schema.standing_key(ws_id))
-        pipe.zrange(schema.flags_key(ws_id), 0, -1)
-        org_raw, ws_grants, org_grants, standing_raw, flags = await pipe.execute()
-    return Facts(
-        ws,
-        schema.org_from_hash(ws.org_id, org_raw),
-        schema.grants_from_hash(ws_grants),
-        schema.grants_from_hash(org_grants),
-        schema.standing_from(standing_raw, flags),
-    )
 
 
 def _key_view(rec: KeyRecord | None) -> dict[str, Any] | None:
@@ -159,13 +138,7 @@ def explain_facts(
             else None
         ),
         "eligibility": _eligibility(program, org, deciding is not None),
-        "standing": {
-            "score": view.score,
-            "tier": view.tier_name,
-            "until": time_or_none(view.cooldown_until),
-            "suspended": view.suspended,
-            "flags": len(facts.standing.flags),
-        },
+        "standing": {**describe(view, time=rfc3339), "flags": len(facts.standing.flags)},
         "model_listed": program is not None,
         "unlisted_models": cfg.unlisted_models,
         "program": program.name if program is not None else None,
@@ -223,7 +196,7 @@ async def explain(
     request = {"key_id": key_id, "workspace": workspace, "product": product, "model": model}
     key: KeyRecord | None = None
     if key_id is not None:
-        key = schema.key_from_hash(key_id, await redis.hgetall(schema.apikey_key(key_id)))
+        key = await FactReader(redis).key(key_id)
         if key is None:
             raise NotFound(f"key {key_id} not found", "key_id")
         if key.revoked:
@@ -240,7 +213,7 @@ async def explain(
             )
         workspace = key.workspace_id
     assert workspace is not None
-    facts = await read_facts(redis, workspace)
+    facts = await FactReader(redis).workspace_facts(workspace)
     if facts is None:
         if key is not None:
             return _answer(

@@ -293,12 +293,6 @@ class DataPlane:
             )
             return deny_response(decision.code, rid, message, extra)
 
-        hide_usage = False
-        if self.meter is not None and wants_usage_added(request.method, upstream_path, doc):
-            asked = with_usage_asked(body, doc)
-            if asked is not None:
-                body, hide_usage = asked, True
-
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
@@ -308,6 +302,11 @@ class DataPlane:
                 return admission.refused
             if admission.headers:
                 response_headers.update(admission.headers)
+        hide_usage = False  # the classifier (above) saw the client's body as sent
+        if self.meter is not None and wants_usage_added(request.method, upstream_path, doc):
+            asked = with_usage_asked(body, doc)
+            if asked is not None:
+                body, hide_usage = asked, True
         try:
             if websocket is not None:
                 return await self._relay_websocket(

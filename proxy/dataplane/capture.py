@@ -39,6 +39,8 @@ class Capture:
         self.limit = limit
         self.problem: str | None = None
         self.whole = True
+        self._parts: list[bytes] = []  # a JSON body while it is whole: joined once, at the end
+        self._size = 0
         self._buf = bytearray()
         self._trimmed = False
         self._decoder: Decoder | None = None
@@ -62,20 +64,26 @@ class Capture:
     def _fail(self) -> None:
         self.problem = "encoding"
         self._buf = bytearray()
+        self._parts = []
         self._decoder = None
 
     def _take(self, piece: bytes) -> None:
+        if not self.is_stream and self.whole:
+            self._parts.append(piece)
+            self._size += len(piece)
+            if self._size <= self.limit:
+                return
+            self.whole = False
+            self._buf += b"".join(self._parts)[-TAIL_BYTES:]
+            self._parts = []
+            return
         buf = self._buf
         buf += piece
         if self.is_stream:
             if len(buf) > 2 * SSE_CAPTURE_BYTES:
                 del buf[: len(buf) - SSE_CAPTURE_BYTES]
                 self._trimmed = True
-        elif not self.whole:
-            if len(buf) > 2 * TAIL_BYTES:
-                del buf[: len(buf) - TAIL_BYTES]
-        elif len(buf) > self.limit:
-            self.whole = False
+        elif len(buf) > 2 * TAIL_BYTES:
             del buf[: len(buf) - TAIL_BYTES]
 
     def finish(self, completed: bool) -> bytes:
@@ -87,6 +95,8 @@ class Capture:
                 self._fail()
         if self.problem is not None or not completed:
             return b""
+        if not self.is_stream and self.whole:
+            return self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         buf = self._buf
         if self.is_stream:
             if len(buf) > SSE_CAPTURE_BYTES:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from multidict import CIMultiDictProxy
 
+from proxy.background import Backoff, Task
 from proxy.config import MisuseConfig
 from proxy.policy.facts import Facts
 from proxy.policy.standing import Flag
@@ -57,10 +58,10 @@ class FlagRecorder:
         self.version = version
         self._queue: deque[tuple[str, Flag]] = deque()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = Task("flag-recorder", self._run)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="flag-recorder")
+        self._task.start()
 
     async def stop(self, flush_timeout: float = 2.0) -> None:
         with contextlib.suppress(TimeoutError):
@@ -68,10 +69,7 @@ class FlagRecorder:
                 while self._queue:
                     self._wake.set()
                     await asyncio.sleep(0.02)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.stop()
 
     @property
     def pending(self) -> int:
@@ -94,7 +92,7 @@ class FlagRecorder:
         self.record(facts.workspace.workspace_id, flag)
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -108,8 +106,7 @@ class FlagRecorder:
                     log.warning("dropping flag for %s: %s", ws, exc.message)
                 except Exception as exc:
                     log.warning("flag write failed, will retry: %s", exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+                    await backoff.wait()
                     continue
-                backoff = 0.05
+                backoff.reset()
                 self._queue.popleft()

@@ -41,6 +41,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import identity, metrics
+from proxy.background import Task, every
 from proxy.config import CacheConfig
 from proxy.dataplane import headers as hdrs
 from proxy.dataplane.app import BodyError, deny_response, presented_key
@@ -209,22 +210,21 @@ class Sessions:
         self.session = session
         self.open: set[Session] = set()
         self._by_fact: dict[str, set[Session]] = {}
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper = Task(
+            "websocket-sweep", lambda: every(self._sweep_period, self._sweep, "websocket sweep")
+        )
         self._gauges: dict[str, Any] = {}
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="websocket-sweep")
+        self._sweeper.start()
 
     async def stop(self) -> None:
         """End every open session (close 1001, going away), and any opened from now on."""
         self._stopping = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self._sweeper.stop()
         await asyncio.gather(
             *(self._end(s, "shutdown", 1001, None) for s in list(self.open)),
             return_exceptions=True,
@@ -263,20 +263,21 @@ class Sessions:
             s.dirty = False
             await self._recheck(s, None)
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            ttl = self.holder.current.config.cache.ttl_seconds
-            period = min(_MAX_SWEEP_S, max(0.05, ttl / 5))
-            await asyncio.sleep(period)
-            if not self.open:
-                continue
-            cc = self.holder.current.config.cache
-            # Facts read at most ttl - period ago: with this period, none is older than the TTL.
-            younger = dataclasses.replace(cc, ttl_seconds=max(0.0, cc.ttl_seconds - period))
-            await asyncio.gather(
-                *(self._recheck(s, younger) for s in list(self.open) if s.reason is None),
-                return_exceptions=True,
-            )
+    def _sweep_period(self) -> float:
+        ttl = self.holder.current.config.cache.ttl_seconds
+        return min(_MAX_SWEEP_S, max(0.05, ttl / 5))
+
+    async def _sweep(self) -> None:
+        if not self.open:
+            return
+        cc = self.holder.current.config.cache
+        # Facts read at most ttl - period ago: with this period, none is older than the TTL.
+        period = self._sweep_period()
+        younger = dataclasses.replace(cc, ttl_seconds=max(0.0, cc.ttl_seconds - period))
+        await asyncio.gather(
+            *(self._recheck(s, younger) for s in list(self.open) if s.reason is None),
+            return_exceptions=True,
+        )
 
     # ------------------------------------------------------------------ deciding again
 

@@ -10,7 +10,9 @@ even while the score is still high (the next flag then suspends again).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.config import MisuseConfig, Tier
 
@@ -112,3 +114,43 @@ def evaluate_standing(standing: Standing | None, cfg: MisuseConfig, now: float) 
         if would is not None and would.shadow:
             shadow = would
     return StandingView(score, tier, until, suspended, shadow)
+
+
+def describe(
+    view: StandingView,
+    standing: Standing | None = None,
+    *,
+    window: float = 0.0,
+    now: float = 0.0,
+    time: Callable[[float], Any] = float,
+) -> dict[str, Any]:
+    """The one rendering of a standing: score, tier, cooldown end and suspension; with the
+    ``standing`` it came from, also when it was suspended, the shadow tier and the flags inside
+    the window. ``time`` renders an instant (RFC 3339 for the admin API, epoch for the audit)."""
+    out: dict[str, Any] = {
+        "score": view.score,
+        "tier": view.tier_name,
+        "until": time(view.cooldown_until) if view.cooldown_until is not None else None,
+        "suspended": view.suspended,
+    }
+    if standing is None:
+        return out
+    out["suspended_at"] = (
+        time(standing.suspended_at)
+        if standing.suspended and standing.suspended_at is not None
+        else None
+    )
+    out["shadow_tier"] = view.shadow_tier.name if view.shadow_tier is not None else None
+    out["flags"] = [
+        {
+            "at": time(f.at),
+            "expires_at": time(f.at + window),
+            "category": f.category,
+            "severity": f.severity,
+            "source": f.source,
+            "note": f.note,
+        }
+        for f in standing.flags
+        if now - window < f.at <= now
+    ]
+    return out

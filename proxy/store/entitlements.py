@@ -1,5 +1,5 @@
 """Entitlement reads for the hot path: keys, workspaces, orgs, grants and standing, through the
-in-process cache, with Redis behind a deadline and breaker (SPEC §5).
+in-process cache, with ``FactReader`` behind a deadline and breaker (SPEC §5).
 
 On a cache hit ``facts_for`` makes no Redis round trip and does not await.
 """
@@ -11,19 +11,19 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from proxy.config import CacheConfig
-from proxy.policy.facts import NO_GRANTS, Facts, GrantMap, Org, Workspace
+from proxy.policy.facts import Facts, GrantMap, Org, Workspace
 from proxy.policy.standing import Standing
 from proxy.store import schema
 from proxy.store.cache import MISSING, FactCache
 from proxy.store.connection import Gate
+from proxy.store.facts import FactReader
 from proxy.store.schema import KeyRecord
-
-_NO_STANDING = Standing()
 
 
 class Entitlements:
     def __init__(self, redis: aioredis.Redis, gate: Gate, cache: FactCache[Any]) -> None:
         self.redis = redis
+        self.read = FactReader(redis)
         self.gate = gate
         self.cache = cache
         # Typed views of the one cache: each answers the type its loader reads.
@@ -33,38 +33,21 @@ class Entitlements:
         self._grants: FactCache[GrantMap] = cache.typed()
         self._standings: FactCache[Standing] = cache.typed()
 
-    # Loaders: one Redis round trip each, guarded.
+    # Loaders: one Redis round trip each, through the deadline and breaker.
     async def _load_key(self, key_id: str) -> KeyRecord | None:
-        raw = await self.gate.call("key", lambda: self.redis.hgetall(schema.apikey_key(key_id)))
-        return schema.key_from_hash(key_id, raw)
+        return await self.gate.call("key", lambda: self.read.key(key_id))
 
     async def _load_workspace(self, ws: str) -> Workspace | None:
-        raw = await self.gate.call(
-            "workspace", lambda: self.redis.hgetall(schema.workspace_key(ws))
-        )
-        return schema.workspace_from_hash(ws, raw)
+        return await self.gate.call("workspace", lambda: self.read.workspace(ws))
 
     async def _load_org(self, org: str) -> Org | None:
-        raw = await self.gate.call("org", lambda: self.redis.hgetall(schema.org_key(org)))
-        return schema.org_from_hash(org, raw)
+        return await self.gate.call("org", lambda: self.read.org(org))
 
     async def _load_grants(self, subject: str) -> GrantMap:
-        raw = await self.gate.call(
-            "grants", lambda: self.redis.hgetall(schema.subject_grants_key(subject))
-        )
-        return schema.grants_from_hash(raw) if raw else NO_GRANTS
+        return await self.gate.call("grants", lambda: self.read.grants(subject))
 
     async def _load_standing(self, ws: str) -> Standing:
-        async def read() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(schema.standing_key(ws))
-                pipe.zrange(schema.flags_key(ws), 0, -1)
-                return await pipe.execute()
-
-        raw, flags = await self.gate.call("standing", read)
-        if not raw and not flags:
-            return _NO_STANDING
-        return schema.standing_from(raw, flags)
+        return await self.gate.call("standing", lambda: self.read.standing(ws))
 
     async def key(self, key_id: str, cc: CacheConfig) -> KeyRecord | None:
         ck = schema.c_key(key_id)

@@ -9,12 +9,12 @@ Listeners (open WebSocket sessions) hear every eviction after it happened: the k
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
 
+from proxy.background import Task
 from proxy.store.cache import FactCache
 from proxy.store.pubsub import subscribe_forever
 from proxy.store.schema import FLUSH_ALL, INVALIDATION_CHANNEL
@@ -35,17 +35,14 @@ class Subscriber:
         self.redis = url_client
         self.cache = cache
         self.connected = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = Task("invalidation-subscriber", self._run)
         self.listeners: list[Callable[[Iterable[str] | None], None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="invalidation-subscriber")
+        self._task.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.stop()
 
     def apply(self, message: bytes | str) -> None:
         text = message.decode() if isinstance(message, bytes) else message

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from proxy.background import Backoff
+
 log = logging.getLogger(__name__)
 
 
@@ -22,16 +24,21 @@ async def subscribe_forever(
     connected: asyncio.Event,
     what: str,
 ) -> None:
-    backoff = 0.05
+    backoff = Backoff(0.05, 1.0)
     while True:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
             on_subscribed()
             connected.set()
-            backoff = 0.05
+            backoff.reset()
+            task = asyncio.current_task()
             while True:
                 msg = await pubsub.get_message(timeout=1.0)
+                # redis-py's read timeout can swallow a cancel that lands as it expires (a stop
+                # right after the start hung here): a pending cancel ends the loop regardless.
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
                 if msg is not None and msg.get("type") == "message":
                     on_message(msg["data"])
         except asyncio.CancelledError:
@@ -43,5 +50,4 @@ async def subscribe_forever(
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 1.0)
+        await backoff.wait()

@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from proxy import metrics
+from proxy.background import Task, every
 from proxy.config import RateLimit
 from proxy.store.connection import Gate, RedisUnavailable
 from proxy.store.resp import RespConnection, RespError
@@ -222,10 +223,13 @@ class RateLimiter:
         self._seq = itertools.count(1)
         self._held: dict[str, str] = {}  # slot -> concurrency key, while leased in Redis
         self._local = _LocalLimits()
+        tick = min(heartbeat_s, lease_s / 3)
+        self._task = Task(
+            "rate-limit-upkeep", lambda: every(tick, self._upkeep, "rate limit upkeep")
+        )
         self.token_flush_s = token_flush_s
         self._spent: dict[str, tuple[int, int]] = {}  # token key -> (tokens, tokens per minute)
         self._token_flush: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
         self._release_batch: tuple[list[str], list[str], asyncio.Future[None]] | None = None
         self._flushing: set[asyncio.Future[None]] = set()
         self._local_mode = metrics.FAILURE_MODE.labels("rate_limit", "local")
@@ -426,7 +430,7 @@ class RateLimiter:
     async def start(self) -> None:
         """Announce this replica and start the background heartbeat and lease refresh."""
         await self._heartbeat()
-        self._task = asyncio.create_task(self._run(), name="rate-limit-upkeep")
+        self._task.start()
 
     async def stop(self) -> None:
         if self._token_flush is not None:
@@ -434,11 +438,7 @@ class RateLimiter:
             self._token_flush = None
         if self._spent:
             await self._flush_tokens()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
         with contextlib.suppress(RedisUnavailable):
             await self._gate.call(
                 "rate_limit_heartbeat", lambda: self._redis.zrem(REPLICAS_KEY, self.replica_id)
@@ -446,16 +446,10 @@ class RateLimiter:
         if self._owns_resp and self._resp is not None:
             await self._resp.close()
 
-    async def _run(self) -> None:
-        tick = min(self.heartbeat_s, self.lease_s / 3)
-        while True:
-            await asyncio.sleep(tick)
-            try:
-                await self._heartbeat()
-                await self._refresh()
-                self._local.prune()
-            except Exception:
-                log.exception("rate limit upkeep failed")
+    async def _upkeep(self) -> None:
+        await self._heartbeat()
+        await self._refresh()
+        self._local.prune()
 
     async def _heartbeat(self) -> None:
         ttl_us = str(max(1, round(self.replica_ttl_s * _US)))

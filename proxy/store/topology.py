@@ -69,18 +69,6 @@ class RedisTarget:
     sentinel_password: str | None = None
     ssl_ca_certs: str | None = None
 
-    @property
-    def redacted(self) -> str:
-        """The URL without its password, for logs and errors."""
-        if self.password is None:
-            return self.url
-        return self.url.replace(":" + _quoted_password(self.url), ":***", 1)
-
-
-def _quoted_password(url: str) -> str:
-    userinfo = url.split("://", 1)[1].rpartition("@")[0]
-    return userinfo.partition(":")[2]
-
 
 def parse_url(url: str) -> RedisTarget:
     """Parse a Redis URL of SPEC §2; ``ValueError`` names what is wrong."""

@@ -30,13 +30,15 @@ from proxy.policy.standing import (
     Flag,
     Standing,
     StandingView,
+    describe,
     evaluate_standing,
     reaches_suspension,
 )
 from proxy.store import schema
 from proxy.store.audit import GENESIS, make_entry
+from proxy.store.facts import FactReader
 from proxy.store.invalidation import publish
-from proxy.store.schema import AUDIT_HEAD, AUDIT_LIST, KeyRecord
+from proxy.store.schema import AUDIT_HEAD, AUDIT_LIST
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,11 @@ def org_dict(org: Org) -> dict[str, Any]:
 
 
 class Writes:
+    """The audited changes; ``read`` is the fact reader they (and the admin API) read with."""
+
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
+        self.read = FactReader(redis)
 
     async def _transact(
         self,
@@ -151,64 +156,6 @@ class Writes:
             log.warning("invalidation publish failed: %s", exc)
         return p.result
 
-    # ------------------------------------------------------------------ reads used by writes
-
-    @staticmethod
-    async def _hash(pipe: Pipeline | aioredis.Redis, key: str) -> dict[Any, Any]:
-        return await pipe.hgetall(key)
-
-    async def workspace(self, ws: str) -> Workspace | None:
-        return schema.workspace_from_hash(
-            ws, await self._hash(self.redis, schema.workspace_key(ws))
-        )
-
-    async def org(self, org: str) -> Org | None:
-        return schema.org_from_hash(org, await self._hash(self.redis, schema.org_key(org)))
-
-    async def grant(self, grant_id: str) -> Grant | None:
-        raw = await self.redis.get(schema.grant_key(grant_id))
-        return schema.grant_from_json(raw) if raw else None
-
-    async def key_record(self, key_id: str) -> KeyRecord | None:
-        return schema.key_from_hash(key_id, await self._hash(self.redis, schema.apikey_key(key_id)))
-
-    async def grants(
-        self, subject: str | None, program: str | None, product: str | None
-    ) -> list[Grant]:
-        if subject is not None:
-            raw = await self._hash(self.redis, schema.subject_grants_key(subject))
-            found = [schema.grant_from_json(v) for v in raw.values()]
-        else:
-            found = []
-            async for k in self.redis.scan_iter(match=schema.GRANT_PATTERN, count=500):
-                value = await self.redis.get(k)
-                if value:
-                    found.append(schema.grant_from_json(value))
-        return sorted(
-            (
-                g
-                for g in found
-                if (program is None or g.program == program)
-                and (product is None or g.product == product)
-            ),
-            key=lambda g: g.created_at,
-        )
-
-    async def standing(self, ws: str) -> Standing:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(schema.standing_key(ws))
-            pipe.zrange(schema.flags_key(ws), 0, -1)
-            raw, flags = await pipe.execute()
-        return schema.standing_from(raw, flags)
-
-    async def subject_exists(self, subject: str) -> bool:
-        kind, _, ident = subject.partition(":")
-        if kind == "org":
-            return bool(await self.redis.exists(schema.org_key(ident)))
-        if kind == "workspace":
-            return bool(await self.redis.exists(schema.workspace_key(ident)))
-        return False
-
     # ------------------------------------------------------------------ orgs and workspaces
 
     async def create_org(
@@ -247,7 +194,7 @@ class Writes:
         key = schema.org_key(org_id)
 
         async def plan(pipe: Pipeline) -> Plan:
-            org = schema.org_from_hash(org_id, await self._hash(pipe, key))
+            org = await self.read.org(org_id, via=pipe)
             if org is None:
                 raise NotFound(f"org {org_id} not found")
             after = replace(org, account_representative=representative)
@@ -268,13 +215,13 @@ class Writes:
         if kind == "workspace":
             ws_key = schema.workspace_key(ident)
             await pipe.watch(ws_key)
-            ws = schema.workspace_from_hash(ident, await self._hash(pipe, ws_key))
+            ws = await self.read.workspace(ident, via=pipe)
             if ws is None:
                 return None
             ident = ws.org_id
         org_key = schema.org_key(ident)
         await pipe.watch(org_key)
-        return schema.org_from_hash(ident, await self._hash(pipe, org_key))
+        return await self.read.org(ident, via=pipe)
 
     async def create_workspace(self, actor: Actor, ws_id: str, org_id: str, name: str) -> Workspace:
         key = schema.workspace_key(ws_id)
@@ -301,18 +248,26 @@ class Writes:
         )
 
     async def set_workspace_suspended(
-        self, actor: Actor, ws_id: str, suspended: bool, reason: str
+        self,
+        actor: Actor,
+        ws_id: str,
+        suspended: bool,
+        reason: str,
+        misuse_cfg: MisuseConfig | None = None,
     ) -> Workspace:
-        """Suspend, or reinstate: reinstating also lifts a misuse suspension."""
+        """Suspend, or reinstate: reinstating also lifts a misuse suspension (a tier change,
+        counted when ``misuse_cfg`` is given)."""
         key = schema.workspace_key(ws_id)
-        skey = schema.standing_key(ws_id)
+        skey, fkey = schema.standing_key(ws_id), schema.flags_key(ws_id)
+        lifted: list[Standing] = []
 
         async def plan(pipe: Pipeline) -> Plan:
-            ws = schema.workspace_from_hash(ws_id, await self._hash(pipe, key))
+            ws = await self.read.workspace(ws_id, via=pipe)
             if ws is None:
                 raise NotFound(f"workspace {ws_id} not found")
-            standing = await self._hash(pipe, skey)
-            misuse = standing.get(b"suspended") == b"1"
+            standing = await self.read.standing(ws_id, via=pipe)
+            misuse = standing.suspended
+            lifted[:] = [standing] if misuse and not suspended else []
             after = replace(ws, suspended=suspended)
 
             def apply(p: Pipeline) -> None:
@@ -331,9 +286,16 @@ class Writes:
             )
 
         action = "workspace.suspend" if suspended else "workspace.reinstate"
-        return await self._transact(  # type: ignore[no-any-return]
-            actor, action, f"workspace:{ws_id}", [key, skey], plan, reason
+        ws: Workspace = await self._transact(
+            actor, action, f"workspace:{ws_id}", [key, skey, fkey], plan, reason
         )
+        if lifted and misuse_cfg is not None:
+            now = time.time()
+            _count_tier_change(
+                evaluate_standing(lifted[0], misuse_cfg, now),
+                evaluate_standing(replace(lifted[0], suspended=False), misuse_cfg, now),
+            )
+        return ws
 
     async def set_org_suspended(
         self, actor: Actor, org_id: str, suspended: bool, reason: str
@@ -341,7 +303,7 @@ class Writes:
         key = schema.org_key(org_id)
 
         async def plan(pipe: Pipeline) -> Plan:
-            org = schema.org_from_hash(org_id, await self._hash(pipe, key))
+            org = await self.read.org(org_id, via=pipe)
             if org is None:
                 raise NotFound(f"org {org_id} not found")
             after = replace(org, suspended=suspended)
@@ -398,7 +360,7 @@ class Writes:
         rkey = schema.apikey_key(key_id)
 
         async def plan(pipe: Pipeline) -> Plan:
-            rec = schema.key_from_hash(key_id, await self._hash(pipe, rkey))
+            rec = await self.read.key(key_id, via=pipe)
             if rec is None:
                 raise NotFound(f"key {key_id} not found")
             summary = {"key_id": key_id, "workspace_id": rec.workspace_id, "name": rec.name}
@@ -439,7 +401,7 @@ class Writes:
         )
 
         async def plan(pipe: Pipeline) -> Plan:
-            if not await self.subject_exists(subject):
+            if not await self.read.subject_exists(subject):
                 raise Invalid(f"subject {subject!r} does not exist", "subject")
             if requires_account_representative:
                 org = await self.org_of_subject(pipe, subject)
@@ -480,10 +442,9 @@ class Writes:
         gkey = schema.grant_key(grant_id)
 
         async def plan(pipe: Pipeline) -> Plan:
-            raw = await pipe.get(gkey)
-            if not raw:
+            old = await self.read.grant(grant_id, via=pipe)
+            if old is None:
                 raise NotFound(f"grant {grant_id} not found")
-            old = schema.grant_from_json(raw)
             if old.revoked:
                 raise Conflict(f"grant {grant_id} is revoked; request a new grant", grant_id)
             new = change(old)
@@ -571,9 +532,9 @@ class Writes:
                     p.hset(skey, mapping={"suspended": "1", "suspended_at": flag.at})
 
             return Plan(
-                _standing_summary(before),
+                describe(before),
                 {
-                    **_standing_summary(after),
+                    **describe(after),
                     "flag": {
                         "id": flag_id,
                         "category": flag.category,
@@ -594,22 +555,21 @@ class Writes:
             flag.category if flag.category in known else "other",
             "upstream" if flag.source == "upstream" else "admin",
         ).inc()
-        if after.tier_name != before.tier_name:
-            metrics.TIER_TRANSITIONS.labels(after.tier_name).inc()
+        _count_tier_change(before, after)
         return before, after
 
     async def _existing_standing(self, pipe: Pipeline, ws_id: str) -> Standing:
         """A workspace's standing, read inside a watched transaction; NotFound if none."""
         if not await pipe.exists(schema.workspace_key(ws_id)):
             raise NotFound(f"workspace {ws_id} not found")
-        raw = await self._hash(pipe, schema.standing_key(ws_id))
-        flags = await pipe.zrange(schema.flags_key(ws_id), 0, -1)
-        return schema.standing_from(raw, flags)
+        return await self.read.standing(ws_id, via=pipe)
 
     async def clear_standing(
         self, actor: Actor, ws_id: str, reason: str, misuse: MisuseConfig
-    ) -> StandingView:
-        """Remove the flags (score 0). A misuse suspension stays until a reinstate."""
+    ) -> tuple[StandingView, StandingView]:
+        """Remove the flags (score 0). A misuse suspension stays until a reinstate.
+
+        Returns the standing before and after."""
         skey, fkey = schema.standing_key(ws_id), schema.flags_key(ws_id)
 
         async def plan(pipe: Pipeline) -> Plan:
@@ -618,17 +578,21 @@ class Writes:
             before = evaluate_standing(before_s, misuse, now)
             after = evaluate_standing(Standing((), before_s.suspended), misuse, now)
             return Plan(
-                {**_standing_summary(before), "flags": len(before_s.flags)},
-                _standing_summary(after),
+                {**describe(before), "flags": len(before_s.flags)},
+                describe(after),
                 lambda p: p.delete(fkey),
-                after,
+                (before, after),
                 [schema.c_standing(ws_id)],
             )
 
-        return await self._transact(  # type: ignore[no-any-return]
+        before, after = await self._transact(
             actor, "standing.clear", f"workspace:{ws_id}", [skey, fkey], plan, reason
         )
+        _count_tier_change(before, after)
+        return before, after
 
 
-def _standing_summary(view: StandingView) -> dict[str, Any]:
-    return {"score": view.score, "tier": view.tier_name, "until": view.cooldown_until}
+def _count_tier_change(before: StandingView, after: StandingView) -> None:
+    """The one place a tier transition is counted (flags, clearing, reinstating)."""
+    if after.tier_name != before.tier_name:
+        metrics.TIER_TRANSITIONS.labels(after.tier_name).inc()

@@ -254,7 +254,7 @@ async def test_enable_at_turns_allowed_by_the_clock_alone(
     base = stack.proxy.data_url
     tenant = await seed.tenant()
     grant_id = await seed.grant(f"workspace:{tenant.workspace}", enable_in=0.6)
-    grant = await seed.writes.grant(grant_id)
+    grant = await seed.writes.read.grant(grant_id)
     assert grant is not None and grant.enable_at is not None
     enable_at = grant.enable_at
 

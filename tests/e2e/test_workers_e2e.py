@@ -14,6 +14,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -74,8 +75,8 @@ async def tenants(seed: Seeder) -> Tenants:
     return await seed_tenants(seed)
 
 
-def requests_by_worker(proxy: ReloadableProxy, pid: int, scratch: Path) -> Counts:
-    """``access_proxy_requests_total`` of one worker, read from its multiprocess files."""
+def worker_samples(proxy: ReloadableProxy, pid: int, scratch: Path) -> list[Any]:
+    """The samples of one worker alone, read from its multiprocess files."""
     scratch.mkdir(parents=True, exist_ok=True)
     for old in scratch.glob("*.db"):
         old.unlink()
@@ -83,10 +84,14 @@ def requests_by_worker(proxy: ReloadableProxy, pid: int, scratch: Path) -> Count
         shutil.copy(db, scratch / db.name)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(scratch))  # type: ignore[no-untyped-call]
+    return [s for family in registry.collect() for s in family.samples]
+
+
+def requests_by_worker(proxy: ReloadableProxy, pid: int, scratch: Path) -> Counts:
+    """``access_proxy_requests_total`` of one worker, read from its multiprocess files."""
     return {
         (s.labels["product"], s.labels["program"], s.labels["code"]): s.value
-        for family in registry.collect()
-        for s in family.samples
+        for s in worker_samples(proxy, pid, scratch)
         if s.name == "access_proxy_requests_total"
     }
 
@@ -108,17 +113,16 @@ def fresh_connections() -> aiohttp.ClientSession:
     )
 
 
-async def workers_at_version(
-    http: aiohttp.ClientSession, proxy: ReloadableProxy, version: str
-) -> bool:
-    """Whether every worker shows ``version`` as its active config."""
-    samples = await metric_samples(http, proxy.serve.admin_url)
-    active = {
-        labels.get("pid")
-        for name, labels, value in samples
-        if name == "access_proxy_config_info" and labels["version"] == version and value == 1
-    }
-    return active >= {str(p) for p in proxy.worker_pids()}
+def workers_at_version(proxy: ReloadableProxy, version: str, scratch: Path) -> bool:
+    """Whether every worker shows ``version`` as its active config (in its own files: the merged
+    ``/metrics`` shows one ``config_info`` series per active version, whoever runs it)."""
+    return all(
+        any(
+            s.name == "access_proxy_config_info" and s.labels["version"] == version and s.value == 1
+            for s in worker_samples(proxy, pid, scratch / f"v{pid}")
+        )
+        for pid in proxy.worker_pids()
+    )
 
 
 async def test_both_workers_serve_and_metrics_merge(
@@ -179,11 +183,15 @@ async def test_phase_flip_reaches_every_worker(
             assert_error(answer, "product_unavailable")
         version = await _flip(trigger, workers, http)
 
-        async def everywhere() -> bool:
-            return await workers_at_version(http, workers, version)
+        def everywhere() -> bool:
+            return workers_at_version(workers, version, tmp_path)
 
         if trigger != "admin":  # the admin answer comes after every worker confirmed
             await wait_until(everywhere, RELOAD_DEADLINE_S, 0.02, f"every worker at {version}")
+        # The merged view names the one active version, with no pid and no retired version.
+        samples = await metric_samples(http, workers.serve.admin_url)
+        info = [labels for name, labels, _ in samples if name == "access_proxy_config_info"]
+        assert info == [{"version": version}], info
         for _ in range(FRESH_CONNECTIONS):
             answer = await request(fresh, url, CHATGPT_PATH, key=tenants.chat.key, model=MODEL)
             assert_allowed(answer)

@@ -8,8 +8,9 @@ CA bundle pip should trust passed as a BuildKit secret (``IMAGE_TEST_CA``, else 
 the container as production would run it: read-only root filesystem, tmpfs for what must be
 writable, the config and the pepper from read-only mounts, the upstream key from env, embedded
 Redis. The mock upstream runs on the host; the container shares the host's network, so every
-address is loopback. The test sends an allowed and refused requests, holds a stream open across
-SIGTERM (``docker stop``) and checks that it finishes and the container exits 0.
+address is loopback. The test sends an allowed and refused requests, updates the config as the
+kubelet updates a ConfigMap volume (a symlink swap) and sees the change, holds a stream open
+across SIGTERM (``docker stop``) and checks that it finishes and the container exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import ssl
 import subprocess
 import time
@@ -89,13 +91,37 @@ def ca_bundle() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def docker() -> str:
+def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The docker client; when no daemon answers, a dockerd of our own for this module."""
     cli = docker_client()
     info = run([cli, "info", "--format", "{{.ServerVersion}}"], check=False)
+    daemon: subprocess.Popen[bytes] | None = None
     if info.returncode != 0:
-        pytest.fail(f"no Docker daemon answers ({cli} info): start dockerd\n{info.stderr}")
+        dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
+        if os.geteuid() != 0 or not Path(dockerd).is_file():
+            pytest.fail(f"no Docker daemon answers ({cli} info) and none can be started here")
+        log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+        with log.open("wb") as out:
+            daemon = subprocess.Popen([dockerd], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_DEADLINE_S
+        while (
+            info := run([cli, "info", "--format", "{{.ServerVersion}}"], check=False)
+        ).returncode:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"dockerd did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        say(f"started dockerd (pid {daemon.pid}), log {log}")
     say(f"docker client {cli}, daemon {info.stdout.strip()}")
-    return cli
+    try:
+        yield cli
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            try:
+                daemon.wait(STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
 
 
 @pytest.fixture(scope="module")
@@ -169,22 +195,33 @@ def container_config(tmp: Path, mock_url: str, data_port: int, admin_port: int) 
     doc["upstreams"]["models"]["url"] = mock_url
     doc["keys"] = {"pepper_file": "/run/secrets/access-proxy/pepper"}
     doc["shutdown_grace_s"] = 30
-    doc["state_dir"] = "/var/lib/access-proxy/state"
     config_dir, secret_dir = tmp / "config", tmp / "secrets"
     for d in (config_dir, secret_dir):
         d.mkdir()
         d.chmod(0o755)
-    (config_dir / "proxy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    configmap_write(config_dir, doc)
+    (config_dir / "proxy.yaml").symlink_to("..data/proxy.yaml")
     (secret_dir / "pepper").write_text("v1:" + secrets.token_urlsafe(32))
-    for f in (config_dir / "proxy.yaml", secret_dir / "pepper"):
-        f.chmod(0o644)
+    (secret_dir / "pepper").chmod(0o644)
     tmp.chmod(0o755)
     return tmp, token
 
 
+def configmap_write(config_dir: Path, doc: dict[str, Any]) -> None:
+    """Write ``proxy.yaml`` as the kubelet updates a ConfigMap volume: into a new timestamped
+    directory, then one rename of the ``..data`` symlink over the old one."""
+    version = config_dir / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{uuid.uuid4().hex[:8]}"
+    version.mkdir(mode=0o755)
+    (version / "proxy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (version / "proxy.yaml").chmod(0o644)
+    staged = config_dir / "..data_tmp"
+    staged.symlink_to(version.name)
+    staged.rename(config_dir / "..data")
+
+
 class Container:
-    def __init__(self, docker: str, name: str) -> None:
-        self.docker, self.name = docker, name
+    def __init__(self, docker: str, name: str, mounts: Path) -> None:
+        self.docker, self.name, self.mounts = docker, name, mounts
 
     def inspect(self, fmt: str) -> str:
         return run([self.docker, "inspect", "-f", fmt, self.name]).stdout.strip()
@@ -231,7 +268,7 @@ def container(
         image, "serve", "--workers", str(workers),
     ]  # fmt: skip
     run(cmd)
-    box = Container(docker, name)
+    box = Container(docker, name, mounts)
     try:
         box.wait_healthy()
         say(
@@ -301,6 +338,21 @@ async def test_serve_allow_refuse_and_drain_on_sigterm(
         }
         say("/metrics access_proxy_requests_total by code:", counted)
         assert counted == {"ok": 1.0, "model_not_found": 1.0, "invalid_api_key": 1.0}
+
+        # A ConfigMap-style update (symlink swap in the mounted directory) reaches the running
+        # container: gpt-5.6-preview goes to general availability on the api product.
+        config_dir = box.mounts / "config"
+        doc = yaml.safe_load((config_dir / "proxy.yaml").read_text())
+        doc["programs"]["gpt-5.6-preview"]["phases"]["api"] = "ga"
+        configmap_write(config_dir, doc)
+        # Every worker reloads: ten in a row on fresh connections (SO_REUSEPORT spreads them).
+        deadline, in_a_row = time.monotonic() + 30, 0
+        while in_a_row < 10:
+            status = (await chat(session, data_port, key, "gpt-5.6-sol", Connection="close"))[0]
+            in_a_row = in_a_row + 1 if status == 200 else 0
+            assert status in (200, 404) and time.monotonic() < deadline, status
+            await asyncio.sleep(0 if status == 200 else 0.2)
+        say("allowed   gpt-5.6-sol after a ConfigMap-style swap to ga (10 in a row)")
 
         # A stream in flight when SIGTERM arrives finishes; then the container exits 0.
         stream_body = {

@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio
 
 from proxy import config
-from proxy.admin.explain import read_facts
 from proxy.identity import parse_peppers
 from proxy.store import schema
 from proxy.store.audit import GENESIS, make_entry, read_entries, verify_chain
+from proxy.store.facts import FactReader
 from proxy.store.migrate import migrate, new_name
 from proxy.store.usage import UsageStore
 from proxy.store.writes import Actor, Writes
@@ -101,12 +101,12 @@ async def test_layout_1_data_works_after_the_move(redis_client: redis.asyncio.Re
     assert "other:app:key" in keys
     assert await redis_client.get(schema.SCHEMA_KEY) == str(schema.SCHEMA_VERSION).encode()
 
-    facts = await read_facts(redis_client, "ws-old")
+    facts = await FactReader(redis_client).workspace_facts("ws-old")
     assert facts is not None and facts.org is not None and facts.org.name == "Old"
     assert ("gpt-5.6-preview", "api") in facts.workspace_grants
     assert len(facts.standing.flags) == 1
     writes = Writes(redis_client)
-    record = await writes.key_record("k-old")
+    record = await FactReader(redis_client).key("k-old")
     assert record is not None and record.workspace_id == "ws-old"
     usage = await UsageStore(redis_client).read("ws-old")
     assert usage["requests"] == 3 and usage["tokens"]["output"] == 40

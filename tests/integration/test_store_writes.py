@@ -83,8 +83,8 @@ async def seed(writes: Writes) -> None:
 
 async def test_org_and_workspace_lifecycle(writes: Writes) -> None:
     await seed(writes)
-    assert await writes.org("org1") is not None
-    ws = await writes.workspace("ws1")
+    assert await writes.read.org("org1") is not None
+    ws = await writes.read.workspace("ws1")
     assert ws is not None and ws.org_id == "org1" and not ws.suspended
 
     await refused(writes, Conflict, writes.create_org(ACTOR, "org1", "again"))
@@ -137,12 +137,12 @@ async def test_keys_are_issued_and_revoked_with_no_secret_in_the_log(writes: Wri
     assert entry["target"] == f"key:{key_id}"
     assert entry["after"] == {"key_id": key_id, "workspace_id": "ws1", "name": "ci"}
 
-    record = await writes.key_record(key_id)
+    record = await writes.read.key(key_id)
     assert record is not None and record.workspace_id == "ws1" and not record.revoked
     assert record.digest == PEPPERS.digest(key)
 
     await audited(writes, "key.revoke", f"key:{key_id}", writes.revoke_key(ACTOR, key_id))
-    record = await writes.key_record(key_id)
+    record = await writes.read.key(key_id)
     assert record is not None and record.revoked
 
     await refused(writes, NotFound, writes.issue_key(ACTOR, "nope", "", PEPPERS))
@@ -265,9 +265,9 @@ async def test_grant_lifecycle(writes: Writes) -> None:
     assert renewed.grant_id != gid
     assert grant_state(renewed, REQUIRED, time.time()) == GrantState.REQUESTED
     # The subject's current grant is the new one; the revoked one is kept by its id.
-    current = await writes.grants("workspace:ws1", "gpt-5.6-preview", "api")
+    current = await writes.read.grant_list("workspace:ws1", "gpt-5.6-preview", "api")
     assert [c.grant_id for c in current] == [renewed.grant_id]
-    old = await writes.grant(gid)
+    old = await writes.read.grant(gid)
     assert old is not None and old.revoked
     stored = await writes.redis.hget(
         schema.subject_grants_key("workspace:ws1"), schema.grant_slot("gpt-5.6-preview", "api")
@@ -299,18 +299,19 @@ async def test_flags_and_clearing_the_standing(writes: Writes) -> None:
         writes.add_flag(ACTOR, "ws1", Flag(now + 1, "cyber", 5, "analyst"), MISUSE),
     )
     assert after.suspended and after.tier_name == "suspended"
-    standing = await writes.standing("ws1")
+    standing = await writes.read.standing("ws1")
     assert standing.suspended and len(standing.flags) == 2
 
-    view = await audited(
+    before, view = await audited(
         writes,
         "standing.clear",
         "workspace:ws1",
         writes.clear_standing(ACTOR, "ws1", "reviewed", MISUSE),
     )
     # Clearing removes the flags but does not lift the recorded suspension.
+    assert before.score > 0 and before.suspended
     assert view.score == 0 and view.suspended
-    standing = await writes.standing("ws1")
+    standing = await writes.read.standing("ws1")
     assert standing.flags == () and standing.suspended
 
     # Reinstating the workspace lifts it.
@@ -320,7 +321,7 @@ async def test_flags_and_clearing_the_standing(writes: Writes) -> None:
         "workspace:ws1",
         writes.set_workspace_suspended(ACTOR, "ws1", False, "appeal granted"),
     )
-    assert not (await writes.standing("ws1")).suspended
+    assert not (await writes.read.standing("ws1")).suspended
     last = (await entries(writes.redis))[-1]
     assert last["before"]["misuse_suspended"] is True and last["after"]["misuse_suspended"] is False
 
@@ -359,7 +360,7 @@ async def test_concurrent_changes_keep_the_chain_linear(writes: Writes) -> None:
     head = await writes.redis.hgetall(AUDIT_HEAD)
     assert int(head[b"seq"]) == start + 20 and head[b"hash"] == log[-1]["hash"].encode()
     # Every change is there exactly once.
-    assert len((await writes.standing("ws1")).flags) == 5
+    assert len((await writes.read.standing("ws1")).flags) == 5
     actions = [e["action"] for e in log[start:]]
     assert {a: actions.count(a) for a in set(actions)} == {
         "org.create": 5,

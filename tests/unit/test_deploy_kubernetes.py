@@ -233,3 +233,31 @@ def test_selectors_find_the_pods(
         assert service_ports[endpoint["port"]]["targetPort"] == "admin"
     pdb = objs["PodDisruptionBudget"]["spec"]
     assert pdb.get("maxUnavailable", 0) < objs["Deployment"]["spec"]["replicas"]
+
+
+# What the ConfigMap's config may differ in from config/proxy.yaml: what a cluster needs.
+CLUSTER_ONLY = (
+    ("admin", "listen"),
+    ("redis", "url"),
+    ("state_dir",),
+    ("shutdown_grace_s",),
+    ("upstreams", "models", "url"),
+)
+
+
+def _without(doc: dict[str, Any], path: tuple[str, ...]) -> None:
+    *parents, last = path
+    for key in parents:
+        doc = doc.get(key, {})
+    doc.pop(last, None)
+
+
+def test_configmap_is_the_shipped_config_but_for_the_cluster_settings(proxy_yaml: str) -> None:
+    ours = yaml.safe_load(proxy_yaml)
+    shipped = yaml.safe_load((REPO / "config" / "proxy.yaml").read_text())
+    for path in CLUSTER_ONLY:
+        _without(ours, path)
+        _without(shipped, path)
+    assert ours == shipped, (
+        "update deploy/kubernetes/configmap.yaml with the change made to config/proxy.yaml"
+    )

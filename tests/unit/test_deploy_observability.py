@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy import metrics
 from proxy.errors import CODES
 from tests.deploy_refs import (
     KNOWN,
@@ -135,3 +136,11 @@ def test_every_alert_has_a_promtool_case_that_fires() -> None:
     alerts = {r["alert"] for r in alert_rules()}
     assert alerts - set(firing) == set(), "alerts without a firing case"
     assert set(firing) | set(quiet) <= alerts
+
+
+def test_unmetered_alert_names_known_reasons_and_leaves_out_the_natural_ones() -> None:
+    (rule,) = [r for r in alert_rules() if r["alert"] == "AccessProxyUnmeteredAnswers"]
+    (regex,) = re.findall(r'reason=~"([^"]+)"', rule["expr"])
+    reasons = set(regex.split("|"))
+    assert reasons <= set(metrics.UNMETERED_REASONS)
+    assert reasons == set(metrics.UNMETERED_REASONS) - {"upstream_error", "incomplete"}

@@ -91,3 +91,20 @@ def test_any_text_parses_or_says_why(text: str) -> None:
         assert str(exc)
     else:
         assert target.kind in ("single", "sentinel", "cluster")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster", "redis+cluster://127.0.0.1:1"]
+)
+async def test_an_unreachable_topology_is_one_startup_error(url: str) -> None:
+    from proxy.startup import StartupError, redis_reachable
+
+    with pytest.raises(StartupError, match="unreachable"):
+        await redis_reachable(url, deadline_s=0.3)
+
+
+async def test_a_malformed_url_is_one_startup_error() -> None:
+    from proxy.startup import StartupError, redis_reachable
+
+    with pytest.raises(StartupError, match="not usable"):
+        await redis_reachable("redis+cluster://nohostport", deadline_s=0.3)
