@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy import env
+from proxy import env, modelnames
 
 DEFAULT_PATH = "config/proxy.yaml"
 PHASES = ("closed", "preview", "ga")
@@ -429,6 +429,9 @@ class UsageConfig:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = setting(10 * 1024 * 1024, check=_positive)
+    # Slow clients (SPEC §3.5): a request head must be whole, and a body must not stall, in time.
+    client_header_timeout_s: float = setting(30.0, check=_positive)
+    client_body_timeout_s: float = setting(60.0, check=_positive)
 
 
 def _read_upstreams(
@@ -468,22 +471,17 @@ def _read_programs(
 ) -> Mapping[str, Program]:
     tokens = siblings["admin"].tokens
     known_roles = {x.split(":", 1)[1] for t in tokens for x in t.roles if x.startswith("approver:")}
-    owner: dict[str, str] = {}  # model entry -> the program that lists it
     programs: dict[str, Program] = {}
     for name, p, item in r.named(raw, path):
         values = r.section(item, p, Program)
         seen: set[str] = set()
         for j, model in enumerate(values["models"]):
-            if model in seen:
+            norm = modelnames.normalize(model)
+            if not norm:
+                r.err(f"{p}.models[{j}]", "a model name must not be empty")
+            elif norm in seen:
                 r.err(f"{p}.models[{j}]", f"model {model!r} listed twice")
-            elif model in owner:
-                r.err(
-                    f"{p}.models[{j}]",
-                    f"model {model!r} already belongs to program {owner[model]!r}",
-                )
-            else:
-                owner[model] = name
-            seen.add(model)
+            seen.add(norm)
         for j, role in enumerate(values["required_approvals"]):
             if known_roles and role not in known_roles:
                 r.err(
@@ -492,6 +490,16 @@ def _read_programs(
                 )
         _check_release_gate(r, p, values["phases"], values["release_gates"])
         programs[name] = Program(name=name, **values)
+    for c in modelnames.conflicts({n: prog.models for n, prog in programs.items()}):
+        if modelnames.normalize(c.entry) == modelnames.normalize(c.other_entry):
+            message = f"model {c.entry!r} already belongs to program {c.other_program!r}"
+        else:
+            message = (
+                f"model {c.entry!r} overlaps {c.other_entry!r} of program {c.other_program!r}: "
+                f"{c.example!r} would belong to both (a name belongs to one program only; "
+                "case, dated snapshots and ft: fine-tunes count)"
+            )
+        r.err(f"{path}.{c.program}.models[{c.index}]", message)
     return MappingProxyType(programs)
 
 
@@ -550,10 +558,17 @@ class Config:
     state_dir: str = setting(".state", restart=True)
     shutdown_grace_s: float = setting(30.0, check=_non_negative, convert=float)
     program_of_model: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    model_matcher: modelnames.ModelMatcher = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner = {m: name for name, p in self.programs.items() for m in p.models}
         object.__setattr__(self, "program_of_model", MappingProxyType(owner))
+        matcher = modelnames.ModelMatcher(owner.items())
+        object.__setattr__(self, "model_matcher", matcher)
+
+    def program_of(self, model: str) -> str | None:
+        """The program a requested model name belongs to (SPEC §3.3 name rules), if any."""
+        return self.model_matcher.owner_of(model)
 
     def route_for(self, path: str, host: str | None) -> Route | None:
         for route in self.routes:

@@ -352,6 +352,26 @@ async def check_realtime(
     return lines
 
 
+async def check_multipart(
+    session: aiohttp.ClientSession, port: int, keys: dict[str, str]
+) -> list[str]:
+    """A multipart upload naming a preview model (an audio transcription) without a grant."""
+    form = aiohttp.FormData()
+    form.add_field("model", "gpt-5.6-sol")
+    form.add_field("file", b"RIFF....WAVEfmt ", filename="hello.wav", content_type="audio/wav")
+    async with session.post(
+        f"http://127.0.0.1:{port}/v1/audio/transcriptions",
+        data=form,
+        headers={"authorization": f"Bearer {keys['initech-lab']}"},
+    ) as resp:
+        got = str(resp.status)
+        if resp.status >= 400:
+            got += " " + (await resp.json())["error"]["code"]
+    title = "multipart 404 model_not_found: model form field read"
+    mark = "ok " if got == "404 model_not_found" else "?? "
+    return [f"  {mark}{title:<52} -> {got}"]
+
+
 async def check_token_limit(
     session: aiohttp.ClientSession, port: int, keys: dict[str, str]
 ) -> list[str]:
@@ -416,6 +436,7 @@ async def demo(args: argparse.Namespace) -> int:
             keys, cases = await seed(admin)
             results = await check_cases(session, args.port, keys, cases)
             results += await check_realtime(session, args.port, keys)
+            results += await check_multipart(session, args.port, keys)
             results += await check_token_limit(session, args.port, keys)
         print(report(args, tokens, keys, cases, admin.commands, results), flush=True)
         await stop.wait()
@@ -470,6 +491,9 @@ def report(
         "  # realtime: a WebSocket upgrade without a grant is refused before upgrading",
         f"  curl -si 'http://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol' {_WS_HEADERS} "
         f"-H 'authorization: Bearer {keys['initech-lab']}'",
+        "  # multipart: the model form field of an upload is read and decided (refused: no grant)",
+        f"  curl -s http://127.0.0.1:{port}/v1/audio/transcriptions -H 'authorization: Bearer "
+        f"{keys['initech-lab']}' -F model=gpt-5.6-sol -F file=@/etc/hostname",
         "  # token limit: the alpha's tokens_per_minute holds per workspace; the mock",
         "  # answers with 300 prompt tokens here: a few calls spend it, the next is refused",
         f"  curl -si http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer "

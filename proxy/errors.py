@@ -39,6 +39,7 @@ _TABLE = (
     ErrorCode("invalid_api_key", 401, "Incorrect or missing API key."),
     ErrorCode("workspace_suspended", 403, "This workspace is suspended."),
     ErrorCode("request_too_large", 413, "The request body is too large."),
+    ErrorCode("request_timeout", 408, "The request did not arrive in time."),
     ErrorCode("invalid_request", 400, "The request is not valid."),
     ErrorCode("product_unavailable", 403, "This model is not available on this product."),
     ErrorCode(
@@ -68,6 +69,7 @@ _TABLE = (
     ErrorCode("invalid_body", 422, "The request body is not valid."),
     ErrorCode("not_eligible", 422, "The organization is not eligible for this program."),
     ErrorCode("invalid_config", 422, "The configuration is not valid."),
+    ErrorCode("store_unavailable", 503, "The store is unreachable; nothing was changed."),
     ErrorCode("internal_error", 500, "Internal error."),
 )
 

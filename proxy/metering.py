@@ -254,8 +254,8 @@ class Meter:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task = Task("usage-meter", self._run)
-        self._tokens: dict[tuple[str, str], Any] = {}
-        self._cost: dict[tuple[str, str], Any] = {}
+        self._tokens: dict[tuple[str, str], metrics.Counts] = {}
+        self._cost: dict[tuple[str, str], metrics.Counts] = {}
         self._unmetered: dict[tuple[str, str], Any] = {}
 
     @property
@@ -296,12 +296,12 @@ class Meter:
             if n:
                 child = self._tokens.get((label, kind))
                 if child is None:
-                    child = self._tokens[(label, kind)] = metrics.TOKENS.labels(label, kind)
+                    child = self._tokens[(label, kind)] = metrics.tally(metrics.TOKENS, label, kind)
                 child.inc(n)
         if cost > 0:
             child = self._cost.get((label, product))
             if child is None:
-                child = self._cost[(label, product)] = metrics.COST.labels(label, product)
+                child = self._cost[(label, product)] = metrics.tally(metrics.COST, label, product)
             child.inc(cost)
         delta = UsageDelta(
             1, usage.input, usage.cached_input, usage.cache_write, usage.output, cost

@@ -4,13 +4,20 @@ codes, tiers and categories come from config or fixed tables, never from clients
 ``exposition()`` renders ``/metrics``: this process's registry, or with ``--workers N`` the view
 merged from every worker's multiprocess files, with the same series either way: counters with
 known labels from 0, ``process_*`` summed over the workers, one ``config_info`` series.
+
+The request path counts through ``tally``/``spread``: in one process, plain numbers added up with
+no lock, moved into the metrics in one step per series whenever the registry is collected (so a
+scrape is exact). With worker processes every update goes to the shared files at once, as the
+merged view of another worker's scrape must include it.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -34,6 +41,21 @@ from proxy import env
 # the *_created timestamps, and the garbage collector's per-process internals.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY.unregister(GC_COLLECTOR)
+
+
+class _FlushFirst(Collector):
+    """Registered before every metric, so any collection of the registry (a scrape, a test's
+    ``get_sample_value``) first moves the request path's pending counts into the metrics."""
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        flush_pending()
+        return []
+
+
+REGISTRY.register(_FlushFirst())
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DECISION = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1)
@@ -150,6 +172,91 @@ UNMETERED = Counter(
     "Forwarded answers whose usage could not be metered, by program and reason.",
     ["program", "reason"],
 )
+
+
+class Tally:
+    """One counter series counted on the request path: a plain number, no lock per update."""
+
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.pending = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.pending += amount
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0.0
+            self.child.inc(amount)
+
+
+class Spread:
+    """One histogram series observed on the request path: bucket counts kept as plain numbers."""
+
+    __slots__ = ("bounds", "child", "counts", "total")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)  # ends with +Inf
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= bound
+        self.total += value
+
+    def flush(self) -> None:
+        if not any(self.counts):
+            return
+        counts, self.counts = self.counts, [0] * len(self.bounds)
+        total, self.total = self.total, 0.0
+        # The histogram's own values, as its observe() updates them, n observations at a time.
+        self.child._sum.inc(total)
+        for bucket, n in zip(self.child._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+
+
+_PENDING: dict[tuple[object, tuple[str, ...]], Tally | Spread] = {}
+
+
+class Counts(Protocol):
+    def inc(self, amount: float = 1.0) -> None: ...
+
+
+class Observes(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+def tally(counter: Counter, *labels: str) -> Counts:
+    """The request path's front of ``counter.labels(*labels)``: lock-free in one process."""
+    if env.multiproc_dir():
+        return counter.labels(*labels) if labels else counter
+    found = _PENDING.get((counter, labels))
+    if found is None:
+        found = _PENDING[(counter, labels)] = Tally(counter.labels(*labels) if labels else counter)
+    assert isinstance(found, Tally)
+    return found
+
+
+def spread(histogram: Histogram, *labels: str) -> Observes:
+    """The request path's front of ``histogram.labels(*labels)``: lock-free in one process."""
+    if env.multiproc_dir():
+        return histogram.labels(*labels) if labels else histogram
+    found = _PENDING.get((histogram, labels))
+    if found is None:
+        child = histogram.labels(*labels) if labels else histogram
+        found = _PENDING[(histogram, labels)] = Spread(child)
+    assert isinstance(found, Spread)
+    return found
+
+
+def flush_pending() -> None:
+    """Move what the request path counted into the metrics (before a scrape renders them)."""
+    for front in list(_PENDING.values()):
+        front.flush()
 
 
 def track_inflight(read: Callable[[], float], multiprocess: bool) -> Callable[[], None] | None:

@@ -29,14 +29,16 @@ from proxy.admin.api import AdminContext, admin_app
 from proxy.background import Task, every
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
-from proxy.dataplane.app import DataPlane, DataServer, Hooks
+from proxy.dataplane.app import DataPlane, Hooks
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
+from proxy.dataplane.protocol import DataServer
 from proxy.dataplane.websocket import Sessions
 from proxy.metering import Meter
 from proxy.redis_server import RedisServer
 from proxy.reload import Reloader
 from proxy.snapshot import Holder
+from proxy.store.batchfiles import BatchFiles
 from proxy.store.cache import FactCache
 from proxy.store.connection import Gate
 from proxy.store.entitlements import Entitlements
@@ -72,7 +74,7 @@ class Proxy:
         cfg = self.holder.current.config
         self.topology = Topology(self.redis_url)
         self.fast_redis = self.topology.client(cfg.redis.timeout_ms / 1000)
-        self.admin_redis = self.topology.client(5.0)
+        self.admin_redis = self.topology.client(5.0, reconnect=True)
         self.sub_redis = self.topology.client(None)
         self.data_redis = self.topology.data_client(5.0)
         self.migration: asyncio.Task[None] | None = None
@@ -85,7 +87,11 @@ class Proxy:
         self.gate = Gate.of(cfg.redis)
         self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
         self.writes = Writes(self.admin_redis)
-        self.subscriber = Subscriber(self.sub_redis, self.cache)
+        # A resubscribe shows Redis answering again: the breaker tries at once, so what changed
+        # while this replica was cut off is read on the next lookup (SPEC §5).
+        self.subscriber = Subscriber(
+            self.sub_redis, self.cache, on_reconnect=self.gate.breaker.retry_now
+        )
         self.subscriber.start()
         self.limiter = RateLimiter(
             self.fast_redis,
@@ -123,7 +129,13 @@ class Proxy:
         )
         self.meter.start()
         self.dataplane = DataPlane(
-            self.holder, self.entitlements, self.peppers, self.session, hooks, self.meter
+            self.holder,
+            self.entitlements,
+            self.peppers,
+            self.session,
+            hooks,
+            self.meter,
+            BatchFiles(self.admin_redis),
         )
         dataplane = self.dataplane
         copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)
@@ -135,7 +147,12 @@ class Proxy:
             self.inflight.start()
 
         # No access log on the data listener: no per-request logging on the hot path.
-        server = DataServer(self.dataplane.handle, handler_cancellation=True, access_log=None)
+        server = DataServer(
+            self.dataplane.handle,
+            timeouts=self._client_timeouts,
+            handler_cancellation=True,
+            access_log=None,
+        )
         self.data_runner = web.ServerRunner(
             server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
         )
@@ -162,6 +179,11 @@ class Proxy:
         self.data_port = _bound_port(self.data_runner)
         self.admin_port = _bound_port(self.admin_runner)
         metrics.CONFIG_INFO.labels(cfg.version).set(1)
+
+    def _client_timeouts(self) -> tuple[float, float]:
+        """The slow-client limits for a new connection, from the live config."""
+        limits = self.holder.current.config.limits
+        return limits.client_header_timeout_s, limits.client_body_timeout_s
 
     async def _bind(
         self, runner: web.BaseRunner, what: str, setting: str, host: str, port: int, **kw: Any

@@ -11,8 +11,9 @@ every change goes through ``Writes``, which appends the audit entry in the same 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from redis import exceptions as redis_errors
 
+from proxy.admin.body import BodyInvalid, parse_object
 from proxy.admin.explain import explain, grant_view
 from proxy.config import AdminToken, Config
 from proxy.errors import CODES, error_payload
@@ -43,7 +47,19 @@ from proxy.store.writes import (
     workspace_dict,
 )
 
+log = logging.getLogger(__name__)
+
 PREFIX = "/admin/v1"
+STORE_RETRY_AFTER_S = 2
+# Redis could not be reached or answered in time, or is loading or read-only (a replica during a
+# failover): the store is away, not broken. Any other Redis error is a bug of ours.
+_STORE_AWAY = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    OSError,
+    asyncio.TimeoutError,
+)
 MAX_AUDIT_PAGE = 1000
 MAX_USAGE_DAYS = 1000
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -130,20 +146,19 @@ async def _body(
     request: web.Request, required: tuple[str, ...], optional: tuple[str, ...]
 ) -> dict[str, Any]:
     """The JSON object body; 422 for bad JSON, unknown fields and missing required fields."""
-    raw = await request.read()
-    if not raw.strip():
-        data: Any = {}
-    else:
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError("invalid_body", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError("invalid_body", "the body must be a JSON object")
+    try:
+        raw = await request.read()
+    except HttpProcessingError as exc:  # framing the parser refused once the body began
+        raise ApiError("invalid_body", f"the body could not be read: {exc.message}") from None
+    try:
+        data = parse_object(raw)
+    except BodyInvalid as exc:
+        raise ApiError("invalid_body", exc.message, exc.param) from None
     for name in data:
         if name not in required and name not in optional:
             allowed = ", ".join((*required, *optional)) or "none"
-            raise ApiError("invalid_body", f"unknown field {name!r} (allowed: {allowed})", name)
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise ApiError("invalid_body", f"unknown field {shown!r} (allowed: {allowed})", name)
     for name in required:
         if data.get(name) is None:
             raise ApiError("invalid_body", f"{name} is required", name)
@@ -235,8 +250,17 @@ class AdminAPI:
             return _error("not_found", f"no admin endpoint {request.method} {request.path}")
         except web.HTTPRequestEntityTooLarge:
             return _error("invalid_body", "the body is too large")
-        except (aioredis.RedisError, OSError) as exc:
-            return _error("internal_error", f"the store is unavailable: {type(exc).__name__}")
+        except _STORE_AWAY as exc:
+            response = _error(
+                "store_unavailable", f"the store is unreachable ({type(exc).__name__}); retry later"
+            )
+            response.headers["retry-after"] = str(STORE_RETRY_AFTER_S)
+            return response
+        except web.HTTPException:
+            raise
+        except Exception:  # a bug of ours: logged with its traceback, answered in the shape
+            log.exception("admin %s %s failed", request.method, request.path)
+            return _error("internal_error")
 
     @staticmethod
     def _token(request: web.Request, cfg: Config) -> AdminToken | None:

@@ -117,7 +117,7 @@ def explain_facts(
     decision: Decision = decide(facts, cfg, req, now)
     ws, org = facts.workspace, facts.org
     view = evaluate_standing(facts.standing, cfg.misuse, now)
-    program_name = cfg.program_of_model.get(req.model) if req.model is not None else None
+    program_name = cfg.program_of(req.model) if req.model is not None else None
     program = cfg.programs.get(program_name) if program_name is not None else None
     ws_grant: Grant | None = None
     org_grant: Grant | None = None
@@ -164,6 +164,7 @@ def explain_facts(
                 "burst": rl.burst,
                 "concurrent": rl.concurrent,
                 "shadow": rl.shadow,
+                "tokens_per_minute": rl.tokens_per_minute,
             }
     if decision.retry_after is not None:
         extra["retry_after"] = decision.retry_after

@@ -19,34 +19,29 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import identity, metrics
 from proxy.dataplane import headers as hdrs
+from proxy.dataplane.batches import upload_batch_file
 from proxy.dataplane.forward import UpstreamError, client_timeout, forward
 from proxy.dataplane.usage_stream import wants_usage_added, with_usage_asked
 from proxy.errors import CODES, DEFAULT_BODIES, error_json
 from proxy.metering import Meter
-from proxy.policy import Decision, RequestInfo, decide
+from proxy.policy import Decision, RequestInfo, decide, decide_models
 from proxy.policy.facts import Facts
 from proxy.snapshot import Holder, Snapshot
+from proxy.store.batchfiles import BatchFiles, BatchFilesUnavailable
 from proxy.store.cache import EntitlementUnavailable
 from proxy.store.entitlements import Entitlements
+from proxy.surfaces import BodyError as BodyError  # re-exported for the WebSocket room
+from proxy.surfaces import Named, named_models
+from proxy.surfaces.errors import invalid, too_large
 
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
-_MODELS_PATH = "/v1/models"
-_MODELS_PREFIX = "/v1/models/"
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _VERIFIED_MAX = 100_000
-
-
-class BodyError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -112,7 +107,7 @@ _RID_PREFIX = secrets.token_hex(4)
 _rid_seq = itertools.count(1)
 
 
-def _request_id() -> str:
+def new_request_id() -> str:
     """Unique per process start (random prefix) and per request (sequence): no syscall."""
     return f"{_RID_PREFIX}{next(_rid_seq):08x}"
 
@@ -132,43 +127,22 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, refusing early (by content-length) or as soon as it passes ``limit``."""
     declared = request.content_length
     if declared is not None and declared > limit:
-        raise BodyError("request_too_large", f"The request body exceeds {limit} bytes.")
+        raise too_large(limit)
     if not request.body_exists:
         return b""
     if declared is not None:
         try:
             return await request.content.readexactly(declared)
         except asyncio.IncompleteReadError:
-            raise BodyError("invalid_request", "The request body ended early.") from None
+            raise invalid("The request body ended early.") from None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise BodyError("request_too_large", f"The request body exceeds {limit} bytes.")
+            raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def model_of(
-    method: str, upstream_path: str, body: bytes, content_type: str
-) -> tuple[str | None, Any]:
-    """The model a request names (the JSON body's ``model``, or the id in /v1/models/{id}) and
-    the parsed body (None when not JSON)."""
-    if method in _BODY_METHODS and (body or content_type == _JSON):
-        if content_type not in ("", _JSON) and not content_type.endswith("+json"):
-            return None, None  # multipart uploads and the like name no model
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise BodyError("invalid_request", "The request body is not valid JSON.") from None
-        model = doc.get("model") if isinstance(doc, dict) else None
-        if not isinstance(model, str) or not model:
-            raise BodyError("invalid_request", "The request must name a model.")
-        return model, doc
-    if upstream_path.startswith(_MODELS_PREFIX) and method == "GET":
-        return upstream_path[len(_MODELS_PREFIX) :].split("?", 1)[0] or None, None
-    return None, None
 
 
 class DataPlane:
@@ -180,6 +154,7 @@ class DataPlane:
         session: aiohttp.ClientSession,
         hooks: Hooks | None = None,
         meter: Meter | None = None,
+        batch_files: BatchFiles | None = None,
     ) -> None:
         self.holder = holder
         self.entitlements = entitlements
@@ -187,9 +162,11 @@ class DataPlane:
         self.session = session
         self.hooks = hooks or Hooks()
         self.meter = meter
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._ttfb: dict[str, Any] = {}
+        self.batch_files = batch_files
+        self._requests: dict[tuple[str, str, str], metrics.Counts] = {}
+        self._durations: dict[str, metrics.Observes] = {}
+        self._ttfb: dict[str, metrics.Observes] = {}
+        self._decision = metrics.spread(metrics.DECISION_DURATION)
         self._verified: dict[str, int] = {}
         self.inflight = 0  # read by the inflight gauge (see metrics.track_inflight)
         self._releases: set[asyncio.Future[None]] = set()
@@ -200,11 +177,11 @@ class DataPlane:
         key = (product, program, code)
         counter = self._requests.get(key)
         if counter is None:
-            counter = self._requests[key] = metrics.REQUESTS.labels(product, program, code)
+            counter = self._requests[key] = metrics.tally(metrics.REQUESTS, *key)
         counter.inc()
         hist = self._durations.get(product)
         if hist is None:
-            hist = self._durations[product] = metrics.REQUEST_DURATION.labels(product)
+            hist = self._durations[product] = metrics.spread(metrics.REQUEST_DURATION, product)
         hist.observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ the handler
@@ -224,8 +201,8 @@ class DataPlane:
     async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
         snap = self.holder.current
         cfg = snap.config
-        rid = _request_id()
-        path = request.raw_path.split("?", 1)[0]
+        rid = new_request_id()
+        path, _, query = request.raw_path.partition("?")
 
         # Row 1: route.
         host = request.host.split(":", 1)[0] if snap.host_routes and request.host else None
@@ -256,30 +233,42 @@ class DataPlane:
 
         websocket = self.hooks.websocket if hdrs.is_websocket_upgrade(request) else None
         body = b""
-        model: str | None = None
-        doc: Any = None
+        named: Named | None = None
+        models: tuple[str, ...] = ()
         body_error: BodyError | None = None
         try:
             body = await read_body(request, cfg.limits.max_body_bytes)
+            headers = request.headers
+            named = named_models(
+                request.method,
+                upstream_path,
+                query,
+                headers.getall("content-type", ()),
+                headers.getall("content-encoding", ()),
+                body,
+                cfg.limits.max_body_bytes,
+            )
+            models = named.models
             if websocket is not None:
-                model = websocket.model_of(request)
-            else:
-                model, doc = model_of(request.method, upstream_path, body, request.content_type)
+                websocket.model_of(request)  # a session must name its model
+            if named.input_file_id is not None:
+                models = await self._batch_input_models(named.input_file_id)
         except BodyError as exc:
             body_error = exc
+        except BatchFilesUnavailable:
+            self._count(product, "none", "entitlement_unavailable", started)
+            return deny_response("entitlement_unavailable", rid)
 
-        decision = decide(
+        decision = decide_models(
             facts,
             cfg,
-            RequestInfo(
-                product,
-                model,
-                body_error.code if body_error else None,
-                body_error.message if body_error else None,
-            ),
+            product,
+            models,
             time.time(),
+            body_error.code if body_error else None,
+            body_error.message if body_error else None,
         )
-        metrics.DECISION_DURATION.observe(time.perf_counter() - started)
+        self._decision.observe(time.perf_counter() - started)
         program = decision.program.name if decision.program is not None else "none"
         for rule in decision.shadow_rules:
             metrics.SHADOW_DECISIONS.labels(rule).inc()
@@ -293,6 +282,7 @@ class DataPlane:
             )
             return deny_response(decision.code, rid, message, extra)
 
+        assert named is not None  # a body error was refused above
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
@@ -302,9 +292,11 @@ class DataPlane:
                 return admission.refused
             if admission.headers:
                 response_headers.update(admission.headers)
-        hide_usage = False  # the classifier (above) saw the client's body as sent
-        if self.meter is not None and wants_usage_added(request.method, upstream_path, doc):
-            asked = with_usage_asked(body, doc)
+        # After the classifier, which saw the client's body as sent. A compressed body is sent
+        # on rewritten and uncompressed (its Content-Encoding dropped in _forward).
+        hide_usage = False
+        if self.meter is not None and wants_usage_added(request.method, upstream_path, named.doc):
+            asked = with_usage_asked(body, named.doc, reserialize=named.encoded)
             if asked is not None:
                 body, hide_usage = asked, True
         try:
@@ -317,7 +309,7 @@ class DataPlane:
                     upstream_path,
                     rid,
                     facts,
-                    model,
+                    models[0] if models else None,
                     product,
                     program,
                     started,
@@ -331,11 +323,12 @@ class DataPlane:
                 rid,
                 response_headers,
                 facts,
-                model,
+                named,
                 product,
                 program,
                 started,
                 hide_usage,
+                hide_usage and named.encoded,
                 admission.on_tokens,
             )
         finally:
@@ -345,6 +338,18 @@ class DataPlane:
                 task = asyncio.ensure_future(admission.release())
                 self._releases.add(task)
                 task.add_done_callback(self._releases.discard)
+
+    async def _batch_input_models(self, file_id: str) -> tuple[str, ...]:
+        """The models recorded for a batch's input file; a file never seen → 400."""
+        recorded = None
+        if self.batch_files is not None:
+            recorded = await self.batch_files.models_of(file_id)
+        if recorded is None:
+            raise invalid(
+                f"The input file {file_id!r} was not uploaded through this proxy with purpose "
+                "batch; upload it with POST /v1/files."
+            )
+        return recorded
 
     async def _identify(self, request: web.BaseRequest, cfg: Any) -> Facts | None:
         key = presented_key(request)
@@ -415,11 +420,12 @@ class DataPlane:
         rid: str,
         response_headers: dict[str, str],
         facts: Facts,
-        model: str | None,
+        named: Named,
         product: str,
         program: str,
         started: float,
         hide_usage: bool,
+        body_decoded: bool,
         on_tokens: Callable[[int], None] | None,
     ) -> web.StreamResponse:
         cfg = snap.config
@@ -434,10 +440,40 @@ class DataPlane:
             request_id=rid,
             host=request.host,
         )
-        if request.method == "GET" and upstream_path == _MODELS_PATH:
+        if body_decoded:
+            out_headers.popall("Content-Encoding", None)
+        if named.endpoint.kind == "model_list":
             return await self._models(
                 snap, upstream_name, url_path, out_headers, facts, product, rid, started
             )
+
+        if named.batch_file and self.batch_files is not None:
+            try:
+                response = await upload_batch_file(
+                    method=request.method,
+                    session=self.session,
+                    upstream=upstream,
+                    url_path=url_path,
+                    body=body,
+                    headers=out_headers,
+                    extra_response_headers=response_headers,
+                    strip_response_headers=snap.strip_response_headers,
+                    store=self.batch_files,
+                    models=named.models,
+                    workspace=facts.workspace.workspace_id,
+                )
+            except UpstreamError as exc:
+                self._count(product, program, exc.code, started)
+                return deny_response(exc.code, rid)
+            except BatchFilesUnavailable:
+                self._count(product, program, "entitlement_unavailable", started)
+                return deny_response(
+                    "entitlement_unavailable",
+                    rid,
+                    "The batch file was uploaded but could not be recorded; upload it again.",
+                )
+            self._count(product, program, "ok", started)
+            return response
 
         on_headers: Callable[[CIMultiDictProxy[str]], None] | None = None
         if self.hooks.on_upstream_headers is not None:
@@ -469,9 +505,10 @@ class DataPlane:
                 self.meter.unmetered(program, "incomplete")
             self._count(product, program, exc.code, started)
             return deny_response(exc.code, rid)
+        model = named.models[0] if named.models else None
         ttfb = self._ttfb.get(upstream_name)
         if ttfb is None:
-            ttfb = self._ttfb[upstream_name] = metrics.UPSTREAM_TTFB.labels(upstream_name)
+            ttfb = self._ttfb[upstream_name] = metrics.spread(metrics.UPSTREAM_TTFB, upstream_name)
         ttfb.observe(result.ttfb_seconds)
         if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
@@ -535,39 +572,3 @@ class DataPlane:
             body=json.dumps(doc).encode(),
             headers={"x-request-id": rid, "content-type": _JSON},
         )
-
-
-class _DataRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own errors in the OpenAI error shape.
-
-    aiohttp refuses ambiguous framing (Content-Length with Transfer-Encoding, conflicting
-    Content-Lengths) and malformed requests in its parser, before any handler runs; this keeps
-    those answers to the contract: JSON error body and an ``x-request-id``.
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        if status >= 500:
-            self.log_exception("error handling request", exc_info=exc)
-            code = "internal_error"
-        else:
-            log.debug("refused a malformed request: %s", message)
-            code = "request_too_large" if status == 413 else "invalid_request"
-        detail = None if status >= 500 else f"Malformed HTTP request: {message or status}."
-        response = deny_response(code, _request_id(), detail)
-        response.force_close()
-        return response
-
-
-class DataServer(web.Server):
-    """The low-level server for the data listener (see ``_DataRequestHandler``)."""
-
-    def __call__(self) -> RequestHandler:
-        return _DataRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -17,7 +17,9 @@ Timeouts, each independent of the others:
   response rather than a clean end.
 
 Before the client response starts every failure raises :class:`UpstreamError`, and the caller
-writes the error body. After it starts, failures end in a :class:`ForwardResult` with
+writes the error body: 504 ``upstream_timeout`` only when one of the timeouts expired; an upstream
+that closes, resets or breaks HTTP framing (also mid-way through a small body of declared length)
+is 502 ``upstream_unavailable``. After it starts, failures end in a :class:`ForwardResult` with
 ``completed=False``; the client connection has then been closed, and aiohttp will cancel the
 handler task at its next await when it runs with ``handler_cancellation=True``.
 
@@ -29,13 +31,14 @@ and ``forward`` returns ``completed=False``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -104,6 +107,19 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     )
 
 
+def _end_unfinished(content: StreamReader, closed: asyncio.Future[None]) -> None:
+    """End a body whose upstream connection closed before it did.
+
+    When the upstream breaks chunked framing mid-body, aiohttp's client closes the connection but
+    leaves the body waiting for data forever (no timeout runs on a closed connection); this makes
+    the next read fail instead, so the client's connection is cut rather than left hanging.
+    """
+    if not closed.cancelled():
+        closed.exception()  # retrieved: a lost connection is expected here, not an error
+    if not content.is_eof() and content.exception() is None:
+        content.set_exception(aiohttp.ClientPayloadError("upstream connection closed mid-body"))
+
+
 def _abort_client(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
@@ -158,6 +174,9 @@ async def forward(
             if protocol is not None:
                 protocol.read_timeout = timeouts.idle_s
                 protocol.start_timeout()
+                closed = protocol.closed
+                if closed is not None:
+                    closed.add_done_callback(functools.partial(_end_unfinished, content))
 
         upstream_headers = upstream_resp.headers
         if on_upstream_headers is not None:
@@ -193,9 +212,13 @@ async def forward(
             # write.
             try:
                 whole = await content.read()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except TimeoutError as exc:  # idle_s passed with the body unfinished
                 raise UpstreamError(
                     "upstream_timeout", "upstream stalled mid-body", answered=True
+                ) from exc
+            except (aiohttp.ClientError, OSError) as exc:  # closed, reset or broken framing
+                raise UpstreamError(
+                    "upstream_unavailable", "upstream broke off mid-body", answered=True
                 ) from exc
             if len(whole) != declared:
                 raise UpstreamError(

@@ -34,19 +34,22 @@ def wants_usage_added(method: str, upstream_path: str, doc: Any) -> bool:
     return not (isinstance(options, dict) and options.get("include_usage") is True)
 
 
-def with_usage_asked(body: bytes, doc: dict[str, Any]) -> bytes | None:
+def with_usage_asked(
+    body: bytes, doc: dict[str, Any], *, reserialize: bool = False
+) -> bytes | None:
     """``body`` (whose parsed object is ``doc``) with ``stream_options.include_usage: true``;
     None when it cannot be rewritten (the request then goes as sent, and is counted unmetered).
 
     Without ``stream_options`` the member is added before the closing brace, so every other byte
-    is the client's; otherwise the object is serialized again with the option set.
+    is the client's; otherwise (or with ``reserialize``, for a body that came compressed) the
+    object is serialized again with the option set.
     """
-    if "stream_options" not in doc:
+    if "stream_options" not in doc and not reserialize:
         end = body.rstrip()
         if end.endswith(b"}") and b"\x00" not in body:  # UTF-8 text, not UTF-16/32
             return end[:-1] + _ASK
         return None
-    options = doc["stream_options"]
+    options = doc.get("stream_options")
     if options is not None and not isinstance(options, dict):
         return None  # the upstream refuses it as the client sent it
     changed = {**doc, "stream_options": {**(options or {}), "include_usage": True}}

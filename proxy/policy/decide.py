@@ -62,6 +62,32 @@ def scaled(limit: RateLimit, factor: float) -> RateLimit:
     )
 
 
+def decide_models(
+    facts: Facts,
+    cfg: Config,
+    product: str,
+    models: tuple[str, ...],
+    now: float,
+    body_error: str | None = None,
+    body_error_message: str | None = None,
+) -> Decision:
+    """The decision for a request naming ``models`` (a batch names several): every model must
+    be allowed; the first refusal answers. An allowed request is limited under the first model
+    that belongs to a program."""
+    if len(models) <= 1 or body_error is not None:
+        model = models[0] if models and body_error is None else None
+        return decide(facts, cfg, RequestInfo(product, model, body_error, body_error_message), now)
+    chosen: Decision | None = None
+    for model in models:
+        decision = decide(facts, cfg, RequestInfo(product, model), now)
+        if not decision.allowed:
+            return decision
+        if chosen is None or (chosen.program is None and decision.program is not None):
+            chosen = decision
+    assert chosen is not None
+    return chosen
+
+
 def decide(facts: Facts, cfg: Config, req: RequestInfo, now: float) -> Decision:
     view = evaluate_standing(facts.standing, cfg.misuse, now)
     denied = _suspension(facts, view)  # row 3
@@ -139,7 +165,7 @@ def _model_access(facts: Facts, cfg: Config, req: RequestInfo, now: float) -> De
     """Rows 5-9 for the requested model: a denial, or what lets the request go on."""
     if req.model is None:
         return None, None, "request.no_model", "the request names no model"
-    name = cfg.program_of_model.get(req.model)
+    name = cfg.program_of(req.model)
     if name is None:
         if cfg.unlisted_models == "deny":
             return _deny("model_not_found", "model.unlisted", "model in no program; denied")

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from proxy.modelnames import covered_by
+
 
 class GrantState(enum.StrEnum):
     REQUESTED = "requested"
@@ -46,7 +48,8 @@ class Grant:
     revoked: bool = False
 
     def covers_model(self, model: str) -> bool:
-        return self.models is None or model in self.models
+        """Whether the grant's model subset holds ``model`` (by the program's name rules)."""
+        return self.models is None or covered_by(self.models, model)
 
 
 def missing_approvals(grant: Grant, required: tuple[str, ...]) -> tuple[str, ...]:

@@ -11,8 +11,9 @@ from a read that raced the revocation.
 
 ``revalidate_all`` (run when the invalidation subscription comes back, since publications made
 while it was away are lost) makes every held entry stale at once instead of dropping it: the next
-lookup of each re-reads Redis, and while Redis cannot answer yet (a failover still settling) the
-entry keeps answering within the stale window.
+lookup of each re-reads Redis, and while Redis cannot answer yet (a circuit breaker still open
+after an outage) the entry keeps answering within the stale window. Recovery so refuses nothing
+that the outage served, and a change made while cut off is read on the first lookup after.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class FactCache(Generic[V]):
         self._shared = _shared if _shared is not None else _Shared(max_entries)
         self._entries = self._shared.entries
         self._inflight = self._shared.inflight
-        self._hit = metrics.CACHE_LOOKUPS.labels("hit")
-        self._miss = metrics.CACHE_LOOKUPS.labels("miss")
-        self._stale = metrics.CACHE_LOOKUPS.labels("stale")
+        self._hit = metrics.tally(metrics.CACHE_LOOKUPS, "hit")
+        self._miss = metrics.tally(metrics.CACHE_LOOKUPS, "miss")
+        self._stale = metrics.tally(metrics.CACHE_LOOKUPS, "stale")
 
     def typed(self) -> FactCache[Any]:
         """A view over the same entries, to be annotated with its value type."""

@@ -23,10 +23,13 @@ class RedisUnavailable(Exception):
     """Redis could not answer in time (error, timeout, or the breaker is open)."""
 
 
-def make_client(url: str, *, timeout_s: float | None) -> aioredis.Redis:
-    """A client with no retries and, when ``timeout_s`` is set, short socket timeouts."""
+def make_client(url: str, *, timeout_s: float | None, reconnect: bool = False) -> aioredis.Redis:
+    """A client with, when ``timeout_s`` is set, short socket timeouts, and no retries; with
+    ``reconnect`` a command that finds its pooled connection closed (Redis restarted since) is
+    sent once more on a new one. A timeout is never retried."""
+    retry = Retry(NoBackoff(), 1 if reconnect else 0, supported_errors=(RedisConnectionError,))
     kwargs: dict[str, object] = {
-        "retry": Retry(NoBackoff(), 0),
+        "retry": retry,
         "health_check_interval": 0,
     }
     if timeout_s is not None:
@@ -65,6 +68,10 @@ class Breaker:
 
     def success(self) -> None:
         self._count = 0
+
+    def retry_now(self) -> None:
+        """Let the next call through as a trial at once (Redis was seen answering again)."""
+        self._open_until = 0.0
 
     def failure(self) -> None:
         self._count += 1

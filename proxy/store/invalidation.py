@@ -4,7 +4,7 @@ cache stale first, because messages published while it was away are lost to it: 
 re-read on its next lookup, and still answers (within the stale window) while Redis cannot.
 
 Listeners (open WebSocket sessions) hear every eviction after it happened: the keys evicted, or
-``None`` when the whole cache was dropped."""
+``None`` when the whole cache was dropped or made stale."""
 
 from __future__ import annotations
 
@@ -31,9 +31,16 @@ async def publish(redis: aioredis.Redis, keys: list[str]) -> None:
 class Subscriber:
     """Keeps one subscription alive, reconnecting with backoff; evicts on every message."""
 
-    def __init__(self, url_client: aioredis.Redis, cache: FactCache[object]) -> None:
+    def __init__(
+        self,
+        url_client: aioredis.Redis,
+        cache: FactCache[object],
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
         self.redis = url_client
         self.cache = cache
+        # Told when a subscription is made: Redis answers again (the hot path's breaker may try).
+        self.on_reconnect = on_reconnect
         self.connected = asyncio.Event()
         self._task = Task("invalidation-subscriber", self._run)
         self.listeners: list[Callable[[Iterable[str] | None], None]] = []
@@ -54,10 +61,10 @@ class Subscriber:
                 self.cache.invalidate(key)
         self._tell(None if FLUSH_ALL in keys else keys)
 
-    def _flush(self) -> None:
-        # Publications made while unsubscribed are lost: re-read every entry on its next lookup,
-        # keeping it as the fallback while Redis cannot answer yet (a failover still settling).
+    def _revalidate(self) -> None:
         self.cache.revalidate_all()
+        if self.on_reconnect is not None:
+            self.on_reconnect()
         self._tell(None)
 
     def _tell(self, keys: Iterable[str] | None) -> None:
@@ -68,11 +75,12 @@ class Subscriber:
                 log.exception("invalidation listener failed")
 
     async def _run(self) -> None:
-        # Anything published while not subscribed is lost: start from nothing on each subscribe.
+        # Anything published while not subscribed is lost: revalidate everything on each
+        # subscribe, without dropping what can still answer if Redis is not back for reads yet.
         await subscribe_forever(
             self.redis,
             INVALIDATION_CHANNEL,
-            on_subscribed=self._flush,
+            on_subscribed=self._revalidate,
             on_message=self.apply,
             connected=self.connected,
             what="invalidation",

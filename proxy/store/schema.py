@@ -13,7 +13,9 @@ touches share one Redis Cluster slot:
   ``ap:{ap}:standing:<ws>`` hash (suspended, suspended_at); ``ap:{ap}:flags:<ws>`` sorted set of
   flags (score: time); ``ap:{ap}:orgws:<org>`` set; ``ap:{ap}:audit`` list of JSON entries and
   ``ap:{ap}:audit:head`` hash (seq, hash); ``ap:{ap}:replicas`` live replicas (rate limits);
-  ``ap:{ap}:schema`` the layout version.
+  ``ap:{ap}:schema`` the layout version; ``ap:{ap}:batchfile:<file_id>`` hash (models as a JSON
+  list, workspace, at): the models the lines of a batch input file name, recorded at upload
+  (``batchfiles.py``).
 - ``{ws:<ws>}`` one workspace's traffic state, spread over the cluster by workspace:
   ``ap:{ws:<ws>}:rl:<program>`` GCRA bucket, ``ap:{ws:<ws>}:cc:<program>`` concurrency slots
   (``ratelimit.py``), ``ap:{ws:<ws>}:tk:<program>`` tokens spent against ``tokens_per_minute``
@@ -98,6 +100,10 @@ def rate_key(ws: str, program: str | None) -> str:
 
 def concurrency_key(ws: str, program: str | None) -> str:
     return f"{workspace_tag(ws)}cc:{program or '-'}"
+
+
+def batch_file_key(file_id: str) -> str:
+    return f"{ADMIN}batchfile:{file_id}"
 
 
 def usage_key(ws: str) -> str:

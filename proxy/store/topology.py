@@ -30,6 +30,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.store.connection import make_client
 from proxy.store.resp import Arg
@@ -185,13 +186,16 @@ class Topology:
             )
         return self._table
 
-    def client(self, timeout_s: float | None) -> aioredis.Redis:
-        """The client on the node holding the admin state (see the module docstring)."""
+    def client(self, timeout_s: float | None, *, reconnect: bool = False) -> aioredis.Redis:
+        """The client on the node holding the admin state (see the module docstring). With
+        ``reconnect`` a command that finds its pooled connection closed is sent once more on a
+        new one (``connection.make_client``)."""
         t = self.target
-        common: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+        retry = Retry(NoBackoff(), 1 if reconnect else 0, supported_errors=(RedisConnectionError,))
+        common: dict[str, Any] = {"retry": retry, "health_check_interval": 0}
         client: aioredis.Redis
         if self.kind == "single":
-            client = make_client(t.url, timeout_s=timeout_s)
+            client = make_client(t.url, timeout_s=timeout_s, reconnect=reconnect)
         elif self.kind == "sentinel":
             client = self.sentinel().master_for(
                 t.service, redis_class=aioredis.Redis, **common, **self._timeouts(timeout_s)

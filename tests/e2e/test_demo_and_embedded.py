@@ -85,6 +85,7 @@ def test_demo_seeds_through_the_admin_api_and_shows_every_case(tmp_path: Path) -
             "   # refused: 422 not_eligible"
         ) in out, out
         assert "ok realtime 404 model_not_found" in out, out
+        assert "ok multipart 404 model_not_found" in out, out
         # A workspace spends its token budget: allowed answers, then a 429 with retry-after.
         (line,) = [ln for ln in out.splitlines() if "token limit:" in ln and "->" in ln]
         assert line.strip().startswith("ok ") and "200 (" in line, line

@@ -6,6 +6,7 @@ streams, and the reasons of ``access_proxy_unmetered_answers_total``."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -106,6 +107,35 @@ async def test_a_chat_stream_without_usage_is_metered_and_the_client_sees_no_usa
         assert int(dict(seen["headers"]).get("Content-Length", "0")) == len(seen["body"].encode())
     usage = await wait_requests(seed, tenant.workspace, 2)
     assert usage["input"] == 60 and usage["output"] == 24
+
+
+async def test_a_compressed_chat_stream_request_is_sent_on_uncompressed_with_usage_asked(
+    stack: Stack, seed: Seeder, http: aiohttp.ClientSession
+) -> None:
+    tenant = await seed.tenant()
+    await seed.grant(f"workspace:{tenant.workspace}")
+    body = json.dumps(chat_body(SOL, stream=True)).encode()
+    headers = {
+        **KNOBS,
+        "Authorization": f"Bearer {tenant.key}",
+        "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+    }
+    async with http.post(
+        stack.proxy.data_url + "/v1/chat/completions", data=gzip.compress(body), headers=headers
+    ) as resp:
+        assert resp.status == 200
+        answer = await resp.read()
+        rid = resp.headers["x-request-id"]
+    assert b"usage" not in answer and answer.endswith(b"data: [DONE]\n\n")
+    (seen,) = await mock_requests(http, stack.mock.url, rid)
+    assert "content-encoding" not in {k.lower() for k, _ in seen["headers"]}
+    assert json.loads(seen["body"]) == {
+        **json.loads(body),
+        "stream_options": {"include_usage": True},
+    }
+    usage = await wait_requests(seed, tenant.workspace, 1)
+    assert usage["input"] == 30 and usage["output"] == 12
 
 
 def normalized(stream: bytes) -> list[Any]:

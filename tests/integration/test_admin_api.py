@@ -517,6 +517,7 @@ async def test_explain_names_the_rule_and_the_facts(admin: Admin) -> None:
     e = await explain(workspace="acme-prod", product="api", model="gpt-5.6-terra")
     assert (e["allowed"], e["status"], e["code"], e["rule"]) == (True, 200, None, "grant.enabled")
     assert e["rate_limit"]["requests_per_minute"] > 0
+    assert e["rate_limit"]["tokens_per_minute"] is None  # the shipped config sets no token limit
     assert "rate_limit" in e["not_evaluated"]
 
     # A workspace grant decides over the org grant, whatever its state.

@@ -38,7 +38,7 @@ class Replica:
 
     def __init__(self, url: str) -> None:
         self.client = make_client(url, timeout_s=2.0)
-        self.admin = make_client(url, timeout_s=5.0)
+        self.admin = make_client(url, timeout_s=5.0, reconnect=True)
         self.sub_client = make_client(url, timeout_s=None)
         self.cache: FactCache[Any] = FactCache(1000)
         self.entitlements = Entitlements(self.client, Gate(2.0, Breaker(1000, 1.0)), self.cache)
@@ -186,6 +186,45 @@ async def test_a_replica_that_loses_its_subscription_revalidates_its_whole_cache
     assert len(b.cache) == 5 and fresh_entries(b) == []
     assert await b.entitlements.facts_for("ws1", LONG) is not None
     assert len(fresh_entries(b)) == 5
+
+
+async def test_recovery_with_the_breaker_still_open_answers_from_what_is_held(
+    private_redis: RedisServer,
+) -> None:
+    """Redis is back and the subscription resubscribed, but the breaker has not let a trial
+    through yet: lookups answer from the stale entries, never EntitlementUnavailable; once the
+    breaker closes they are re-read, so a change made during the outage is seen."""
+    seeder = Replica(private_redis.url)
+    replica = Replica(private_redis.url)
+    breaker = Breaker(1, 3600.0)  # stays open until the test lets it close
+    replica.entitlements = Entitlements(replica.client, Gate(2.0, breaker), replica.cache)
+    try:
+        await seed(seeder.writes)
+        replica.subscriber.start()
+        await subscribed(replica, 1)
+        assert await replica.entitlements.facts_for("ws1", LONG) is not None
+
+        # The subscription is away while Redis restarts and a change is made, so the change's
+        # publication is lost to this replica, as in an outage.
+        await replica.subscriber.stop()
+        replica.subscriber.connected.clear()
+        await private_redis.stop()
+        breaker.failure()  # as the first failed hot-path call would
+        assert breaker.is_open
+        await private_redis.start()
+        await seeder.writes.set_workspace_suspended(ACTOR, "ws1", True, "while cut off")
+        replica.subscriber.start()
+        await wait_until(replica.subscriber.connected.is_set, timeout=10, message="subscribed")
+
+        for _ in range(20):
+            found = await replica.entitlements.facts_for("ws1", LONG)
+            assert found is not None and not found.workspace.suspended  # the held facts
+        breaker.success()  # as the trial call that finds Redis back would
+        found = await replica.entitlements.facts_for("ws1", LONG)
+        assert found is not None and found.workspace.suspended
+    finally:
+        await replica.close()
+        await seeder.close()
 
 
 async def test_a_killed_subscription_connection_also_revalidates_the_cache(
