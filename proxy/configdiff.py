@@ -99,15 +99,19 @@ class _Differ:
         after: Mapping[str, Any],
         compare: Callable[[str, Any, Any], None],
         describe: Callable[[Any], str],
+        name: str = "{path}.{key}",
     ) -> None:
+        """Entries by key: removed, added (with ``describe``), or compared; ``name`` is how an
+        entry's path is written."""
         for key in before:
             if key not in after:
-                self.removed(area, f"{path}.{key}")
+                self.removed(area, name.format(path=path, key=key))
         for key, value in after.items():
+            sub = name.format(path=path, key=key)
             if key not in before:
-                self.added(area, f"{path}.{key}", describe(value))
+                self.added(area, sub, describe(value))
             else:
-                compare(f"{path}.{key}", before[key], value)
+                compare(sub, before[key], value)
 
     def members(self, area: str, path: str, before: Iterable[Any], after: Iterable[Any]) -> None:
         """A set-like list: report members added and removed, not reordering."""
@@ -163,18 +167,20 @@ def _tokens(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
 
 def _routes(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:
     """Routes by host and path prefix: their order in the file does not matter."""
-    old_routes = {_route_key(r): r for r in old}
-    new_routes = {_route_key(r): r for r in new}
-    for key in old_routes:
-        if key not in new_routes:
-            d.removed(area, f"{path}[{key}]")
-    for key, route in new_routes.items():
-        if key not in old_routes:
-            d.added(area, f"{path}[{key}]", _describe_route(route))
-        else:
-            for f in ("product", "upstream", "rewrite_prefix"):
-                before_value, after_value = getattr(old_routes[key], f), getattr(route, f)
-                d.changed(area, f"{path}[{key}].{f}", before_value, after_value)
+
+    def compare(sub: str, a: Route, b: Route) -> None:
+        for f in ("product", "upstream", "rewrite_prefix"):
+            d.changed(area, f"{sub}.{f}", getattr(a, f), getattr(b, f))
+
+    d.mapping(
+        area,
+        path,
+        {_route_key(r): r for r in old},
+        {_route_key(r): r for r in new},
+        compare,
+        _describe_route,
+        name="{path}[{key}]",
+    )
 
 
 def _programs(d: _Differ, area: str, path: str, old: Any, new: Any) -> None:

@@ -494,13 +494,12 @@ def report(
         "  # multipart: the model form field of an upload is read and decided (refused: no grant)",
         f"  curl -s http://127.0.0.1:{port}/v1/audio/transcriptions -H 'authorization: Bearer "
         f"{keys['initech-lab']}' -F model=gpt-5.6-sol -F file=@/etc/hostname",
-        "  # token limit: the alpha's tokens_per_minute holds per workspace; the mock",
-        "  # answers with 300 prompt tokens here: a few calls spend it, the next is refused",
+        "  # token limit: 1000 tokens a minute of the alpha per workspace (300-token prompts here)",
         f"  curl -si http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer "
         f"{keys['initech-lab']}' -H 'content-type: application/json' -H "
         '\'x-mock-prompt-tokens: 300\' -d \'{"model": "gpt-5.5-alpha", "messages": '
         '[{"role": "user", "content": "hi"}]}\' | grep -i -e "^HTTP" -e ratelimit-.*-tokens',
-        "  # usage and cost per UTC day (the CLI: admin usage show acme-research --from ...)",
+        "  # usage and cost per UTC day (admin usage show acme-research --from YYYY-MM-DD)",
         f"  curl -s 'http://127.0.0.1:{admin_port}/admin/v1/workspaces/acme-research/usage"
         f"?from={time.strftime('%Y-%m-%d', time.gmtime())}' -H 'authorization: Bearer "
         f"{tokens['dashboards']}'",

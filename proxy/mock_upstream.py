@@ -363,6 +363,37 @@ def _chat_body_parts(reply: str) -> tuple[bytes, bytes, bytes, bytes]:
     )
 
 
+def _response_fields(
+    response_id: str, created: int, model: str, instructions: Any
+) -> dict[str, Any]:
+    """The fields of a Responses API ``response`` object that do not change while it streams."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": None,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": instructions if isinstance(instructions, str) else None,
+        "max_output_tokens": None,
+        "model": model,
+        "output": [],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": False,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": {},
+    }
+
+
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -785,29 +816,10 @@ class MockUpstream:
 
         def response_object(state: str, output: list[Any], with_usage: bool) -> dict[str, Any]:
             return {
-                "id": response_id,
-                "object": "response",
-                "created_at": created,
+                **_response_fields(response_id, created, model, instructions),
                 "status": state,
-                "error": None,
-                "incomplete_details": None,
-                "instructions": instructions if isinstance(instructions, str) else None,
-                "max_output_tokens": None,
-                "model": model,
                 "output": output,
-                "parallel_tool_calls": True,
-                "previous_response_id": None,
-                "reasoning": {"effort": None, "summary": None},
-                "store": False,
-                "temperature": 1.0,
-                "text": {"format": {"type": "text"}},
-                "tool_choice": "auto",
-                "tools": [],
-                "top_p": 1.0,
-                "truncation": "disabled",
                 "usage": usage.responses() if with_usage else None,
-                "user": None,
-                "metadata": {},
             }
 
         def text_part(text: str) -> dict[str, Any]:

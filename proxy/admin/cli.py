@@ -271,41 +271,26 @@ def standing_clear(c: AdminClient, a: argparse.Namespace) -> Output:
     return Output(data, "flags cleared\n" + standing_text(data))
 
 
-def usage_text(data: dict[str, Any]) -> str:
-    rows = [{"model": "(all)", **data}]
-    rows += [{"model": model, **totals} for model, totals in (data.get("models") or {}).items()]
+def _usage_table(rows: list[dict[str, Any]], first: str) -> str:
+    """Usage rows (totals with their ``tokens`` by kind) as a table led by column ``first``."""
     for row in rows:
         row.update(row.get("tokens") or {})
         row["cost_usd"] = f"{float(row.get('cost_usd') or 0):.6f}"
-    columns = (
-        ("model", "model"),
-        ("requests", "requests"),
-        ("input", "input"),
-        ("cached_input", "cached_input"),
-        ("cache_write", "cache_write"),
-        ("output", "output"),
-        ("cost_usd", "cost_usd"),
-    )
-    return f"workspace  {data.get('workspace')}\n" + table(rows, columns)
+    names = (first, "requests", "input", "cached_input", "cache_write", "output", "cost_usd")
+    return table(rows, tuple((name, name) for name in names))
+
+
+def usage_text(data: dict[str, Any]) -> str:
+    rows = [{"model": "(all)", **data}]
+    rows += [{"model": model, **totals} for model, totals in (data.get("models") or {}).items()]
+    return f"workspace  {data.get('workspace')}\n" + _usage_table(rows, "model")
 
 
 def usage_days_text(data: dict[str, Any]) -> str:
     rows = [{"day": day.get("date"), **day} for day in data.get("days") or []]
     rows.append({"day": "(sum)", **data})
-    for row in rows:
-        row.update(row.get("tokens") or {})
-        row["cost_usd"] = f"{float(row.get('cost_usd') or 0):.6f}"
-    columns = (
-        ("day", "day"),
-        ("requests", "requests"),
-        ("input", "input"),
-        ("cached_input", "cached_input"),
-        ("cache_write", "cache_write"),
-        ("output", "output"),
-        ("cost_usd", "cost_usd"),
-    )
     head = f"workspace  {data.get('workspace')}  {data.get('from')} .. {data.get('to')} (UTC)"
-    return head + "\n" + table(rows, columns)
+    return head + "\n" + _usage_table(rows, "day")
 
 
 def usage_show(c: AdminClient, a: argparse.Namespace) -> Output:
@@ -396,26 +381,36 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     """Fill ``parser`` (the ``admin`` command) with its options and subcommands."""
     _connection_options(parser, leaf=False)
     groups = parser.add_subparsers(dest="admin_group", metavar="GROUP", required=True)
+    for add in (_orgs, _workspaces, _keys, _grants, _misuse, _operations):
+        add(groups)
 
-    def leaf(sub: Any, name: str, func: Command, help_text: str, **defaults: Any) -> Any:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        _connection_options(p, leaf=True)
-        p.set_defaults(admin_func=func, **defaults)
-        return p
 
-    orgs = groups.add_parser("orgs", help="organizations").add_subparsers(
+def _group(groups: Any, name: str, help_text: str) -> Any:
+    return groups.add_parser(name, help=help_text).add_subparsers(
         dest="admin_cmd", metavar="COMMAND", required=True
     )
-    p = leaf(orgs, "create", orgs_create, "create an org")
+
+
+def _leaf(sub: Any, name: str, func: Command, help_text: str, **defaults: Any) -> Any:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    _connection_options(p, leaf=True)
+    p.set_defaults(admin_func=func, **defaults)
+    return p
+
+
+def _orgs(groups: Any) -> None:
+    """admin orgs ..."""
+    orgs = _group(groups, "orgs", "organizations")
+    p = _leaf(orgs, "create", orgs_create, "create an org")
     p.add_argument("id")
     p.add_argument("--name")
     p.add_argument("--account-rep", help="the org's account representative (eligibility, SPEC §4)")
-    p = leaf(orgs, "show", orgs_show, "show an org")
+    p = _leaf(orgs, "show", orgs_show, "show an org")
     p.add_argument("id")
-    p = leaf(orgs, "set-account-rep", orgs_account_rep, "set the org's account representative")
+    p = _leaf(orgs, "set-account-rep", orgs_account_rep, "set the org's account representative")
     p.add_argument("id")
     p.add_argument("representative")
-    p = leaf(
+    p = _leaf(
         orgs,
         "clear-account-rep",
         orgs_account_rep,
@@ -423,35 +418,38 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("id")
     for action in ("suspend", "reinstate"):
-        p = leaf(orgs, action, orgs_suspension, f"{action} an org", action=action)
+        p = _leaf(orgs, action, orgs_suspension, f"{action} an org", action=action)
         p.add_argument("id")
         p.add_argument("--reason", required=True)
 
-    ws = groups.add_parser("workspaces", help="workspaces").add_subparsers(
-        dest="admin_cmd", metavar="COMMAND", required=True
-    )
-    p = leaf(ws, "create", workspaces_create, "create a workspace in an org")
+
+def _workspaces(groups: Any) -> None:
+    """admin workspaces ..."""
+    ws = _group(groups, "workspaces", "workspaces")
+    p = _leaf(ws, "create", workspaces_create, "create a workspace in an org")
     p.add_argument("id")
     p.add_argument("--org", required=True, help="the org the workspace belongs to")
     p.add_argument("--name")
     for action in ("suspend", "reinstate"):
-        p = leaf(ws, action, workspaces_suspension, f"{action} a workspace", action=action)
+        p = _leaf(ws, action, workspaces_suspension, f"{action} a workspace", action=action)
         p.add_argument("id")
         p.add_argument("--reason", required=True)
 
-    keys = groups.add_parser("keys", help="API keys").add_subparsers(
-        dest="admin_cmd", metavar="COMMAND", required=True
-    )
-    p = leaf(keys, "issue", keys_issue, "issue an API key for a workspace (shown once)")
+
+def _keys(groups: Any) -> None:
+    """admin keys ..."""
+    keys = _group(groups, "keys", "API keys")
+    p = _leaf(keys, "issue", keys_issue, "issue an API key for a workspace (shown once)")
     p.add_argument("workspace")
     p.add_argument("--name")
-    p = leaf(keys, "revoke", keys_revoke, "revoke an API key")
+    p = _leaf(keys, "revoke", keys_revoke, "revoke an API key")
     p.add_argument("key_id")
 
-    grants = groups.add_parser("grants", help="grants").add_subparsers(
-        dest="admin_cmd", metavar="COMMAND", required=True
-    )
-    p = leaf(grants, "request", grants_request, "request a grant of a program on a product")
+
+def _grants(groups: Any) -> None:
+    """admin grants ..."""
+    grants = _group(groups, "grants", "grants")
+    p = _leaf(grants, "request", grants_request, "request a grant of a program on a product")
     p.add_argument("--program", required=True)
     p.add_argument("--product", required=True)
     p.add_argument("--subject", required=True, help="org:<id> or workspace:<id>")
@@ -462,40 +460,39 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         help="limit the grant to this model (repeatable, or comma-separated)",
     )
     p.add_argument("--expires-at", help="RFC 3339 time")
-    p = leaf(grants, "show", grants_show, "show one grant")
+    p = _leaf(grants, "show", grants_show, "show one grant")
     p.add_argument("grant_id")
-    p = leaf(grants, "list", grants_list, "list grants")
+    p = _leaf(grants, "list", grants_list, "list grants")
     p.add_argument("--subject")
     p.add_argument("--program")
     p.add_argument("--product")
-    p = leaf(grants, "approve", grants_approve, "approve a grant for a role")
+    p = _leaf(grants, "approve", grants_approve, "approve a grant for a role")
     p.add_argument("grant_id")
     p.add_argument("--role", required=True)
     p.add_argument("--reviewer", required=True)
-    p = leaf(grants, "enable", grants_enable, "set a grant's enable_at (default now)")
+    p = _leaf(grants, "enable", grants_enable, "set a grant's enable_at (default now)")
     p.add_argument("grant_id")
     p.add_argument("--at", help="RFC 3339 time")
     for action in ("suspend", "reinstate", "revoke"):
-        p = leaf(grants, action, grants_lifecycle, f"{action} a grant", action=action)
+        p = _leaf(grants, action, grants_lifecycle, f"{action} a grant", action=action)
         p.add_argument("grant_id")
         p.add_argument("--reason", required=True)
 
-    flags = groups.add_parser("flags", help="misuse flags").add_subparsers(
-        dest="admin_cmd", metavar="COMMAND", required=True
-    )
-    p = leaf(flags, "add", flags_add, "flag a workspace for misuse; prints its standing")
+
+def _misuse(groups: Any) -> None:
+    """admin flags ... and admin standing ..."""
+    flags = _group(groups, "flags", "misuse flags")
+    p = _leaf(flags, "add", flags_add, "flag a workspace for misuse; prints its standing")
     p.add_argument("workspace")
     p.add_argument("--category", required=True, help="e.g. cyber")
     p.add_argument("--severity", required=True, type=int)
     p.add_argument("--source", required=True, help="who flags it, e.g. safety-pipeline")
     p.add_argument("--note")
 
-    standing = groups.add_parser("standing", help="misuse standing").add_subparsers(
-        dest="admin_cmd", metavar="COMMAND", required=True
-    )
-    p = leaf(standing, "show", standing_show, "a workspace's score, tier and flags")
+    standing = _group(groups, "standing", "misuse standing")
+    p = _leaf(standing, "show", standing_show, "a workspace's score, tier and flags")
     p.add_argument("workspace")
-    p = leaf(
+    p = _leaf(
         standing,
         "clear",
         standing_clear,
@@ -504,10 +501,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("workspace")
     p.add_argument("--reason", required=True)
 
-    usage = groups.add_parser("usage", help="usage and cost").add_subparsers(
-        dest="admin_cmd", metavar="COMMAND", required=True
-    )
-    p = leaf(
+
+def _operations(groups: Any) -> None:
+    """admin usage, config, explain and audit"""
+    usage = _group(groups, "usage", "usage and cost")
+    p = _leaf(
         usage,
         "show",
         usage_show,
@@ -517,25 +515,21 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="since", metavar="YYYY-MM-DD", help="first UTC day")
     p.add_argument("--to", dest="until", metavar="YYYY-MM-DD", help="last UTC day (default today)")
 
-    cfg = groups.add_parser("config", help="the proxy's config").add_subparsers(
-        dest="admin_cmd", metavar="COMMAND", required=True
-    )
-    leaf(cfg, "reload", config_reload, "reload the config file on every replica (as SIGHUP)")
+    cfg = _group(groups, "config", "the proxy's config")
+    _leaf(cfg, "reload", config_reload, "reload the config file on every replica (as SIGHUP)")
 
-    p = leaf(groups, "explain", explain, "the decision the data plane would take now")
+    p = _leaf(groups, "explain", explain, "the decision the data plane would take now")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--key-id")
     who.add_argument("--workspace")
     p.add_argument("--product", required=True)
     p.add_argument("--model")
 
-    audit = groups.add_parser("audit", help="the audit log").add_subparsers(
-        dest="admin_cmd", metavar="COMMAND", required=True
-    )
-    p = leaf(audit, "list", audit_list, "list audit entries")
+    audit = _group(groups, "audit", "the audit log")
+    p = _leaf(audit, "list", audit_list, "list audit entries")
     p.add_argument("--after", type=int, default=0, help="entries after this seq")
     p.add_argument("--limit", type=int, default=100)
-    leaf(audit, "verify", audit_verify, "recompute the hash chain; name the first broken entry")
+    _leaf(audit, "verify", audit_verify, "recompute the hash chain; name the first broken entry")
 
 
 def add_admin_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from proxy.policy.eligibility import org_eligible
 from proxy.policy.facts import Org
 from proxy.policy.grants import grant_state, missing_approvals
 from proxy.policy.standing import describe, evaluate_standing
+from proxy.store import schema
 from proxy.store.audit import rfc3339
 from proxy.store.facts import FactReader
 from proxy.store.schema import KeyRecord
@@ -38,11 +39,7 @@ def grant_view(g: Grant, cfg: Config, now: float) -> dict[str, Any]:
     """A grant as the admin API shows it: recorded facts, RFC 3339 times and derived state."""
     required = required_approvals(cfg, g.program)
     return {
-        "grant_id": g.grant_id,
-        "program": g.program,
-        "product": g.product,
-        "subject": g.subject,
-        "models": list(g.models) if g.models is not None else None,
+        **schema.grant_to_dict(g),  # the recorded facts; their times and approvals as shown:
         "state": str(grant_state(g, required, now)),
         "required_approvals": list(required),
         "approvals": [

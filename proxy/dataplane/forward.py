@@ -2,7 +2,9 @@
 
 One shared :class:`aiohttp.ClientSession` serves every upstream. Bytes are relayed as they
 arrive, never decoded or buffered: no decompression, no cookie jar, no headers added by the
-client library, no redirects followed.
+client library, no redirects followed. The meter reads a bounded, decoded side copy
+(``proxy.dataplane.capture``). The one exception to "as sent": a chat stream whose usage the
+proxy asked for on the client's behalf, edited back event by event (``usage_stream``).
 
 Timeouts, each independent of the others:
 
@@ -168,16 +170,7 @@ async def forward(
     completed = False
     try:
         content = upstream_resp.content
-        connection = upstream_resp.connection
-        if connection is not None and not content.is_eof():
-            protocol = connection.protocol
-            if protocol is not None:
-                protocol.read_timeout = timeouts.idle_s
-                protocol.start_timeout()
-                closed = protocol.closed
-                if closed is not None:
-                    closed.add_done_callback(functools.partial(_end_unfinished, content))
-
+        _watch_idle(upstream_resp, timeouts.idle_s)
         upstream_headers = upstream_resp.headers
         if on_upstream_headers is not None:
             on_upstream_headers(upstream_headers)
@@ -190,40 +183,20 @@ async def forward(
 
         content_type = upstream_headers.get(hdrs.CONTENT_TYPE, "")
         is_stream = content_type.lower().startswith("text/event-stream")
-        encoding = upstream_headers.get(hdrs.CONTENT_ENCODING)
-        capture = Capture(is_stream, encoding, capture_limit)
-        hider: UsageHider | None = None
-        if hide_usage and is_stream and status == 200:
-            side = Capture(True, None, capture_limit)
-            try:
-                hider = UsageHider(encoding, side.feed)
-            except DecodeError:
-                pass  # an unknown coding: relayed as sent, and counted unreadable
-            else:
-                # The edited stream goes out uncompressed and framed again by this server.
-                capture = side
-                response.headers.popall(hdrs.CONTENT_ENCODING, None)
-                response.headers.popall(hdrs.CONTENT_LENGTH, None)
+        capture, hider = _side_copy(
+            response,
+            is_stream,
+            upstream_headers.get(hdrs.CONTENT_ENCODING),
+            capture_limit,
+            hide_usage and is_stream and status == 200,
+        )
 
         declared = upstream_resp.content_length
         small = declared is not None and declared <= WHOLE_BODY_BYTES
         if hider is None and not is_stream and small:
             # A small body of known length is usually in hand already: answer it in one
             # write.
-            try:
-                whole = await content.read()
-            except TimeoutError as exc:  # idle_s passed with the body unfinished
-                raise UpstreamError(
-                    "upstream_timeout", "upstream stalled mid-body", answered=True
-                ) from exc
-            except (aiohttp.ClientError, OSError) as exc:  # closed, reset or broken framing
-                raise UpstreamError(
-                    "upstream_unavailable", "upstream broke off mid-body", answered=True
-                ) from exc
-            if len(whole) != declared:
-                raise UpstreamError(
-                    "upstream_unavailable", "upstream closed mid-body", answered=True
-                )
+            whole = await _read_whole(content, declared)
             response = web.Response(
                 status=status, reason=upstream_resp.reason, body=whole, headers=response.headers
             )
@@ -242,6 +215,58 @@ async def forward(
             upstream_resp.release()
         else:
             upstream_resp.close()
+
+
+def _watch_idle(upstream_resp: aiohttp.ClientResponse, idle_s: float) -> None:
+    """Switch the connection's read timeout to ``idle_s`` for the body (see the module doc)."""
+    content = upstream_resp.content
+    connection = upstream_resp.connection
+    if connection is None or content.is_eof():
+        return
+    protocol = connection.protocol
+    if protocol is not None:
+        protocol.read_timeout = idle_s
+        protocol.start_timeout()
+        closed = protocol.closed
+        if closed is not None:
+            closed.add_done_callback(functools.partial(_end_unfinished, content))
+
+
+async def _read_whole(content: aiohttp.StreamReader, declared: int | None) -> bytes:
+    try:
+        whole = await content.read()
+    except TimeoutError as exc:  # idle_s passed with the body unfinished
+        raise UpstreamError("upstream_timeout", "upstream stalled mid-body", answered=True) from exc
+    except (aiohttp.ClientError, OSError) as exc:  # closed, reset or broken framing
+        raise UpstreamError(
+            "upstream_unavailable", "upstream broke off mid-body", answered=True
+        ) from exc
+    if len(whole) != declared:
+        raise UpstreamError("upstream_unavailable", "upstream closed mid-body", answered=True)
+    return whole
+
+
+def _side_copy(
+    response: web.StreamResponse,
+    is_stream: bool,
+    encoding: str | None,
+    capture_limit: int,
+    hide_usage: bool,
+) -> tuple[Capture, UsageHider | None]:
+    """The meter's copy of the answer, and the :class:`UsageHider` of a stream whose usage the
+    proxy asked for (that stream then goes out edited, uncompressed and framed again by this
+    server; an unknown coding leaves it as sent, counted unreadable)."""
+    capture = Capture(is_stream, encoding, capture_limit)
+    if not hide_usage:
+        return capture, None
+    side = Capture(True, None, capture_limit)
+    try:
+        hider = UsageHider(encoding, side.feed)
+    except DecodeError:
+        return capture, None
+    response.headers.popall(hdrs.CONTENT_ENCODING, None)
+    response.headers.popall(hdrs.CONTENT_LENGTH, None)
+    return side, hider
 
 
 def _result(

@@ -21,6 +21,7 @@ from proxy.dataplane.codings import Decoder, Emit, decoder_for
 CHAT_COMPLETIONS = "/chat/completions"
 _ASK = b',"stream_options":{"include_usage":true}}'
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+_LAST_NULL_USAGE = b',"usage":null}'
 _NULL_USAGE = re.compile(rb'(,\s*)?"usage"\s*:\s*null(\s*,\s*)?')
 
 
@@ -85,6 +86,13 @@ def rewrite_event(event: bytes) -> bytes:
     payload = b"\n".join(payloads)
     if b'"usage"' not in payload:
         return event
+    if len(data_at) == 1 and payload.endswith(_LAST_NULL_USAGE):
+        # The upstream's usual spelling: the top-level object's last member (an unescaped key
+        # before the closing brace can only be one of its members). Cut without parsing.
+        at = lines[data_at[0]].rfind(_LAST_NULL_USAGE)
+        line = lines[data_at[0]]
+        lines[data_at[0]] = line[:at] + b"}" + line[at + len(_LAST_NULL_USAGE) :]
+        return b"".join(lines)
     try:
         obj = json.loads(payload)
     except ValueError:

@@ -86,6 +86,9 @@ def query_model(raw_query: str) -> str | None:
     return name or None
 
 
+_Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse  # either end of a session
+
+
 class _DuplicateKey(ValueError):
     pass
 
@@ -464,53 +467,37 @@ class Sessions:
                 await s.client.close(code=1001)
 
     async def _from_client(self, s: Session) -> None:
-        client, upstream = s.client, s.upstream
+        await self._pump(s, s.client, s.upstream, "client")
+
+    async def _from_upstream(self, s: Session) -> None:
+        await self._pump(s, s.upstream, s.client, "upstream")
+
+    async def _pump(self, s: Session, source: _Socket, sink: _Socket, side: str) -> None:
+        """Relay frames from ``source`` to ``sink`` until either closes. A client's events are
+        decided first; pings and close codes pass through; an upstream error closes 1011."""
         while True:
-            msg = await client.receive()
+            msg = await source.receive()
             kind = msg.type
             if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                if not await self._client_event_allowed(s, msg.data, kind is WSMsgType.BINARY):
+                binary = kind is WSMsgType.BINARY
+                if side == "client" and not await self._client_event_allowed(s, msg.data, binary):
                     if s.reason is not None:
                         return
                     continue
-                if kind is WSMsgType.TEXT:
-                    await upstream.send_str(msg.data)
-                else:
-                    await upstream.send_bytes(msg.data)
+                await (sink.send_bytes(msg.data) if binary else sink.send_str(msg.data))
             elif kind is WSMsgType.PING:
-                await upstream.ping(msg.data)
+                await sink.ping(msg.data)
             elif kind is WSMsgType.PONG:
-                await upstream.pong(msg.data)
+                await sink.pong(msg.data)
             elif kind is WSMsgType.CLOSE:
-                s.closed_by("client")
-                await upstream.close(code=_sendable(msg.data), message=_extra(msg.extra))
-                await client.close(code=_sendable(msg.data))
+                s.closed_by(side)
+                await sink.close(code=_sendable(msg.data), message=_extra(msg.extra))
+                await source.close(code=_sendable(msg.data))
                 return
             else:  # CLOSING, CLOSED, ERROR
-                return
-
-    async def _from_upstream(self, s: Session) -> None:
-        client, upstream = s.client, s.upstream
-        while True:
-            msg = await upstream.receive()
-            kind = msg.type
-            if kind is WSMsgType.TEXT:
-                await client.send_str(msg.data)
-            elif kind is WSMsgType.BINARY:
-                await client.send_bytes(msg.data)
-            elif kind is WSMsgType.PING:
-                await client.ping(msg.data)
-            elif kind is WSMsgType.PONG:
-                await client.pong(msg.data)
-            elif kind is WSMsgType.CLOSE:
-                s.closed_by("upstream")
-                await client.close(code=_sendable(msg.data), message=_extra(msg.extra))
-                await upstream.close(code=_sendable(msg.data))
-                return
-            else:
-                if kind is WSMsgType.ERROR and s.reason is None:
+                if side == "upstream" and kind is WSMsgType.ERROR and s.reason is None:
                     s.closed_by("upstream_error")
-                    await client.close(code=1011)
+                    await sink.close(code=1011)
                 return
 
     async def _client_event_allowed(self, s: Session, data: str | bytes, binary: bool) -> bool:

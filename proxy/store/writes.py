@@ -191,23 +191,42 @@ class Writes:
         self, actor: Actor, org_id: str, representative: str | None
     ) -> Org:
         """Set (or, with None, clear) the org's account representative; grants stay as they are."""
+        action = "org.account_rep.set" if representative else "org.account_rep.clear"
+        return await self._update_org(
+            actor,
+            action,
+            org_id,
+            {"account_representative": representative or ""},
+            lambda org: replace(org, account_representative=representative),
+        )
+
+    async def _update_org(
+        self,
+        actor: Actor,
+        action: str,
+        org_id: str,
+        fields: dict[Any, Any],
+        change: Callable[[Org], Org],
+        reason: str | None = None,
+    ) -> Org:
+        """Write ``fields`` of an existing org's hash; ``change`` says what the org becomes."""
         key = schema.org_key(org_id)
 
         async def plan(pipe: Pipeline) -> Plan:
             org = await self.read.org(org_id, via=pipe)
             if org is None:
                 raise NotFound(f"org {org_id} not found")
-            after = replace(org, account_representative=representative)
+            after = change(org)
             return Plan(
                 org_dict(org),
                 org_dict(after),
-                lambda p: p.hset(key, "account_representative", representative or ""),
+                lambda p: p.hset(key, mapping=fields),
                 after,
                 [schema.c_org(org_id)],
             )
 
-        action = "org.account_rep.set" if representative else "org.account_rep.clear"
-        return await self._transact(actor, action, f"org:{org_id}", [key], plan)  # type: ignore[no-any-return]
+        org: Org = await self._transact(actor, action, f"org:{org_id}", [key], plan, reason)
+        return org
 
     async def org_of_subject(self, pipe: Pipeline, subject: str) -> Org | None:
         """The org a grant subject belongs to (the org itself, or a workspace's org), WATCHed."""
@@ -300,25 +319,14 @@ class Writes:
     async def set_org_suspended(
         self, actor: Actor, org_id: str, suspended: bool, reason: str
     ) -> Org:
-        key = schema.org_key(org_id)
-
-        async def plan(pipe: Pipeline) -> Plan:
-            org = await self.read.org(org_id, via=pipe)
-            if org is None:
-                raise NotFound(f"org {org_id} not found")
-            after = replace(org, suspended=suspended)
-            return Plan(
-                org_dict(org),
-                org_dict(after),
-                lambda p: p.hset(
-                    key, mapping={"suspended": "1" if suspended else "0", "reason": reason}
-                ),
-                after,
-                [schema.c_org(org_id)],
-            )
-
-        action = "org.suspend" if suspended else "org.reinstate"
-        return await self._transact(actor, action, f"org:{org_id}", [key], plan, reason)  # type: ignore[no-any-return]
+        return await self._update_org(
+            actor,
+            "org.suspend" if suspended else "org.reinstate",
+            org_id,
+            {"suspended": "1" if suspended else "0", "reason": reason},
+            lambda org: replace(org, suspended=suspended),
+            reason,
+        )
 
     # ------------------------------------------------------------------ keys
 

@@ -208,6 +208,12 @@ def check_printed_case(title: str, result: subprocess.CompletedProcess[str]) -> 
         assert body.startswith("HTTP/1.1 404") and "model_not_found" in body, body
     elif title == "streaming":
         assert body.rstrip().endswith("data: [DONE]"), body[-300:]
+    elif title.startswith("multipart"):
+        assert json.loads(body)["error"]["code"] == "model_not_found", (title, body)
+    elif title.startswith("token limit"):
+        assert "x-ratelimit-remaining-tokens" in body.lower(), body
+    elif title.startswith("usage and cost per UTC day"):
+        assert json.loads(body)["days"][0]["requests"] >= 1, body
     elif title.startswith("what this key may use"):
         assert json.loads(body)["data"], body
     elif title.startswith(("why a request is refused", "the same through the operator CLI")):

@@ -8,7 +8,7 @@ CA bundle pip should trust passed as a BuildKit secret (``IMAGE_TEST_CA``, else 
 the container as production would run it: read-only root filesystem, tmpfs for what must be
 writable, the config and the pepper from read-only mounts, the upstream key from env, embedded
 Redis. The mock upstream runs on the host; the container shares the host's network, so every
-address is loopback. The test sends an allowed and refused requests, updates the config as the
+address is loopback. The test sends an allowed request and refused ones, updates the config as the
 kubelet updates a ConfigMap volume (a symlink swap) and sees the change, holds a stream open
 across SIGTERM (``docker stop``) and checks that it finishes and the container exits 0.
 """
@@ -36,10 +36,14 @@ import yaml
 from tests.conftest import free_port
 from tests.e2e.conftest import MockProcess, start_mock
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("ACCESS_PROXY_IMAGE_TEST") != "1",
-    reason="needs a Docker daemon and root: run `make image-test`",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("ACCESS_PROXY_IMAGE_TEST") != "1",
+        reason="needs a Docker daemon and root: run `make image-test`",
+    ),
+    # The first test builds the base image (debootstrap) and the image: minutes, not seconds.
+    pytest.mark.timeout(1200),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("IMAGE_TEST_TAG", "access-proxy:image-test")
