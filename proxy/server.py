@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import config as config_mod
 from proxy import env, eventloop, identity, metrics, startup
+from proxy.accesslog import AccessLog
 from proxy.admin.api import AdminContext, admin_app
 from proxy.background import Task, every
 from proxy.config import Config
@@ -128,6 +129,8 @@ class Proxy:
             retention_days=lambda: self.holder.current.config.usage.retention_days,
         )
         self.meter.start()
+        self.access_log = AccessLog()
+        self.access_log.start()
         self.dataplane = DataPlane(
             self.holder,
             self.entitlements,
@@ -136,6 +139,7 @@ class Proxy:
             hooks,
             self.meter,
             BatchFiles(self.admin_redis),
+            access_log=self.access_log,
         )
         dataplane = self.dataplane
         copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)
@@ -256,6 +260,7 @@ class Proxy:
         await self.limiter.stop()
         await self.subscriber.stop()
         await self.session.close()
+        await asyncio.to_thread(self.access_log.stop)
         if self.migration is not None:
             self.migration.cancel()
         await self.topology.aclose()
@@ -284,6 +289,7 @@ async def build_proxy(
     pepper_here = own_state and not (env.secret(cfg.keys.pepper_env) or cfg.keys.pepper_file)
     if embedded_here or pepper_here:
         startup.state_dir(cfg.state_dir)
+    startup.access_log_path(cfg.access_log)
     peppers = startup.peppers(cfg, cfg.state_dir if own_state else None)
     embedded: RedisServer | None = None
     if embedded_here:
@@ -329,6 +335,7 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
     )
     if proxy.reloader is not None:
         proxy.reloader.install_sighup(loop)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.access_log.reopen)
     await stop.wait()
     log.info("draining (grace %.0fs)", cfg.shutdown_grace_s)
     await proxy.stop()
@@ -344,6 +351,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     embedded = url == "embedded"
     if embedded:
         startup.state_dir(cfg.state_dir)
+    startup.access_log_path(cfg.access_log)
     startup.peppers(cfg, cfg.state_dir if embedded else None)
     # The workers bind with SO_REUSEPORT, which would share a port another process holds.
     startup.port_free("data listener", "listen.port", cfg.listen.host, cfg.listen.port)
@@ -362,7 +370,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     stop_signals: list[int] = []
 
     def forward(sig: int, _frame: Any) -> None:
-        if sig != signal.SIGHUP:
+        if sig not in (signal.SIGHUP, signal.SIGUSR1):
             stop_signals.append(sig)
         for p in procs:
             if p.poll() is None:
@@ -370,7 +378,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
 
     # Handlers first: a signal that arrives while the workers start must not kill the
     # supervisor (the default action) and leave them running; a stop reaches the late ones too.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
     for _ in range(workers):
         procs.append(subprocess.Popen(cmd, env=worker_env))

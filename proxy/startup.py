@@ -1,10 +1,10 @@
 """Start-up checks, each failing with one line that names the cause and the fix (SPEC §2).
 
 ``serve`` and ``demo`` run these before they accept traffic: the state directory is writable,
-the pepper is there and strong enough, the embedded Redis starts or the external one answers,
-the listen ports are free. Each failure is a :class:`StartupError`; :func:`fail` prints it as one
-line on stderr and gives the exit code 1. Anything else that escapes is a bug and keeps its
-traceback.
+the pepper is there and strong enough, the access log file opens, the embedded Redis starts or
+the external one answers, the listen ports are free. Each failure is a :class:`StartupError`;
+:func:`fail` prints it as one line on stderr and gives the exit code 1. Anything else that
+escapes is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from proxy import identity
-from proxy.config import Config, ConfigError
+from proxy.accesslog import STDERR
+from proxy.config import AccessLogConfig, Config, ConfigError
 from proxy.redis_server import RedisServer, RedisServerError
 from proxy.store.topology import Topology
 
@@ -69,6 +70,20 @@ def state_dir(path: str) -> Path:
             "make it writable by this user, or point state_dir in the config elsewhere",
         ) from None
     return where
+
+
+def access_log_path(settings: AccessLogConfig) -> None:
+    """The access log's file can be opened for appending (it is created if missing)."""
+    if settings.mode == "off" or settings.path == STDERR:
+        return
+    try:
+        fd = os.open(settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise StartupError(
+            f"access log {settings.path!r} cannot be opened ({exc.strerror or exc})",
+            "create its directory or make it writable, or set access_log.path (or stderr)",
+        ) from None
+    os.close(fd)
 
 
 def peppers(cfg: Config, generated_in: str | None) -> identity.Peppers:

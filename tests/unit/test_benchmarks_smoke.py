@@ -73,6 +73,12 @@ def check_complete(result: dict[str, Any]) -> None:
     decision = result["decision"]
     for field in ("decide_us", "cache_hit_path_us", "cache_hit_path_with_key_check_us"):
         assert decision[field] > 0, decision
+    access_log = result["access_log"]
+    for field in ("request_path_off_us", "request_path_all_us", "writer_per_line_us"):
+        assert access_log[field] > 0, access_log
+    for row in result["throughput"]:
+        if row["kind"] != "upstream":  # the servers' own CPU time per request was read
+            assert row["cpu_us_per_request"] > 0, row
     revocation = result["revocation"]
     assert revocation["refused"] == revocation["trials"] > 0, revocation
     assert revocation["timeouts"] == 0
