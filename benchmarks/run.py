@@ -40,14 +40,15 @@ import aiohttp
 import loadgen
 import yaml
 
+from proxy import accesslog, identity
 from proxy import config as config_mod
-from proxy import identity
 from proxy.policy import RequestInfo, decide
 from proxy.redis_server import RedisServer
 from proxy.store.cache import FactCache
 from proxy.store.connection import Breaker, Gate, make_client
 from proxy.store.entitlements import Entitlements
 from proxy.store.writes import Actor, Writes
+from proxy.surfaces import named_models
 
 HERE = Path(__file__).resolve().parent
 
@@ -117,6 +118,9 @@ CASES: tuple[Case, ...] = (
     Case("baseline", "baseline"),
     Case("access-proxy", "proxy"),
     Case("access-proxy+rate-limit", "proxy", {"rate_limits": {"enabled": True}}),
+    # The access log: off, and every request written to a file (the default logs denials only).
+    Case("access-proxy+log-off", "proxy", {"access_log": {"mode": "off"}}),
+    Case("access-proxy+log-all", "proxy", {"access_log": {"mode": "all", "path": "access.log"}}),
 )
 BASELINE = "baseline"
 
@@ -161,6 +165,11 @@ def merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def median_known(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 class Processes:
@@ -449,8 +458,23 @@ async def started(settings: Settings) -> AsyncIterator[Bench]:
 # ---------------------------------------------------------------------- throughput
 
 
+def cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float | None:
+    """User + system CPU time of ``proc`` (all its threads), from /proc; None where unknown."""
+    if proc is None:
+        return None
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure(bench: Bench, case: Case, concurrency: int, duration_s: float) -> dict[str, Any]:
+    """One load run; with the server's CPU time per answered request, a measure that a busy
+    machine disturbs far less than the request rate."""
     assert bench.seeded is not None
+    server = bench.procs.running.get(case.name)
+    cpu_before = cpu_seconds(server)
     url = bench.urls[case.name] + PATH
     headers = {"Authorization": f"Bearer {bench.seeded.key}"}
     wrk = loadgen.wrk_path()
@@ -459,7 +483,11 @@ async def measure(bench: Bench, case: Case, concurrency: int, duration_s: float)
         result = await asyncio.to_thread(loadgen.run_wrk, url, script, concurrency, duration_s, wrk)
     else:
         result = await loadgen.run_python(url, CHAT_BODY, headers, concurrency, duration_s)
-    return dataclasses.asdict(result)
+    out = dataclasses.asdict(result)
+    cpu_after = cpu_seconds(server)
+    spent = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    out["cpu_us_per_request"] = spent * 1e6 / out["requests"] if spent and out["requests"] else None
+    return out
 
 
 async def throughput(bench: Bench, log: Any) -> list[dict[str, Any]]:
@@ -495,6 +523,7 @@ async def throughput(bench: Bench, log: Any) -> list[dict[str, Any]]:
                     "p50_ms": median([x["p50_ms"] for x in runs]),
                     "p99_ms": median([x["p99_ms"] for x in runs]),
                     "requests": sum(x["requests"] for x in runs),
+                    "cpu_us_per_request": median_known([x["cpu_us_per_request"] for x in runs]),
                     "errors": sum(x["errors"] for x in runs),
                     "rounds": runs,
                 }
@@ -514,12 +543,11 @@ async def decision_cost(bench: Bench) -> dict[str, Any]:
     assert bench.seeded is not None
     cfg = config_mod.load(bench.config_paths[_first_proxy()])
     cc = dataclasses.replace(cfg.cache, ttl_seconds=3600.0)  # no expiry during the timing
-    client = make_client(bench.redis.url, timeout_s=cfg.redis.timeout_ms / 1000)
+    # Only the first lookups reach Redis (the timings run on a warm cache): a generous deadline
+    # keeps a busy machine from failing them.
+    client = make_client(bench.redis.url, timeout_s=5.0)
     try:
-        gate = Gate(
-            cfg.redis.timeout_ms / 1000,
-            Breaker(cfg.redis.breaker_failures, cfg.redis.breaker_reset_s),
-        )
+        gate = Gate(5.0, Breaker(cfg.redis.breaker_failures, cfg.redis.breaker_reset_s))
         ent = Entitlements(client, gate, FactCache(cfg.cache.max_entries))
         key_id, key = bench.seeded.key_id, bench.seeded.key
         rec = await ent.key(key_id, cc)
@@ -552,7 +580,22 @@ async def decision_cost(bench: Bench) -> dict[str, Any]:
                 decide(f, cfg, req, time.time())
             return (time.perf_counter_ns() - start) / per / 1000
 
+        def read_batch(read: Any) -> float:
+            start = time.perf_counter_ns()
+            for _ in range(per):
+                read()
+            return (time.perf_counter_ns() - start) / per / 1000
+
+        limit = cfg.limits.max_body_bytes
+        ctypes = ["application/json"]
+
+        def surfaces() -> object:
+            path = "/v1/chat/completions"
+            return named_models("POST", path, "", ctypes, (), CHAT_BODY, limit)
+
         decide_us = [decide_batch() for _ in range(batches)]
+        models_us = [read_batch(surfaces) for _ in range(batches)]
+        json_us = [read_batch(lambda: json.loads(CHAT_BODY)) for _ in range(batches)]
         hit_us = [await hit_batch(False) for _ in range(batches)]
         verify_us = [await hit_batch(True) for _ in range(batches)]
     finally:
@@ -560,9 +603,57 @@ async def decision_cost(bench: Bench) -> dict[str, Any]:
     return {
         "iterations": per * batches,
         "decide_us": median(decide_us),
+        "request_models_us": median(models_us),
+        "json_parse_us": median(json_us),
         "cache_hit_path_us": median(hit_us),
         "cache_hit_path_with_key_check_us": median(verify_us),
     }
+
+
+# ---------------------------------------------------------------------- access log cost
+
+
+async def access_log_cost(bench: Bench) -> dict[str, Any]:
+    """Microseconds the access log adds per request: on the request path (the entry the handler
+    fills, through the context variable, and ``submit``) with the log off and writing every
+    request to a file, and in the writer thread per line (encoding and writing)."""
+    n = max(1_000, bench.settings.decide_iterations // 4)
+    base = config_mod.load(bench.config_paths[_first_proxy()]).access_log
+    modes = {
+        "off": dataclasses.replace(base, mode="off"),
+        "all": dataclasses.replace(
+            base, mode="all", path=str(bench.workdir / "access-cost.log"), queue_lines=n + 1
+        ),
+    }
+
+    def request_path(settings: Any, writer: accesslog.AccessLog) -> float:
+        start = time.perf_counter_ns()
+        for i in range(n):
+            entry = accesslog.Entry(time.time(), time.perf_counter())
+            token = accesslog.current.set(entry)
+            e = accesslog.current.get()  # as the handler does at each step it learns something
+            assert e is not None
+            e.request_id, e.settings = f"bench{i:08x}", settings
+            e.key_id, e.org, e.workspace, e.model = "k", "o", "w", MODEL
+            e.ttfb_ms, e.upstream_status = 1.0, 200
+            e.tokens = {"input": 10, "cached_input": 0, "cache_write": 0, "output": 5}
+            e.product, e.program, e.code = PRODUCT, "gpt-5.6-preview", "ok"
+            accesslog.current.reset(token)
+            e.status, e.duration_ms = 200, 2.0
+            writer.submit(e)
+        return (time.perf_counter_ns() - start) / n / 1000
+
+    out: dict[str, Any] = {"iterations": n}
+    for mode, settings in modes.items():
+        # A writer not started: the request path alone, into an empty queue each time.
+        runs = [request_path(settings, accesslog.AccessLog()) for _ in range(3)]
+        out[f"request_path_{mode}_us"] = median(runs)
+    writer = accesslog.AccessLog()
+    request_path(modes["all"], writer)  # n entries queued as the handler leaves them
+    start = time.perf_counter_ns()
+    await asyncio.to_thread(lambda: (writer.start(), writer.stop(timeout=600)))
+    out["writer_per_line_us"] = (time.perf_counter_ns() - start) / n / 1000
+    return out
 
 
 def _first_proxy() -> str:
@@ -630,26 +721,35 @@ def render(result: Mapping[str, Any]) -> str:
         f"{s['rounds']} round(s) x {s['duration_s']:g} s per case, cases alternated; medians",
         "",
         f"{'conc':>4}  {'case':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'ratio/baseline':>15} {'errors':>7}",
+        f"{'ratio/baseline':>15} {'cpu us/req':>11} {'errors':>7}",
     ]
     for row in result["throughput"]:
         ratio = row["ratio_to_baseline"]
         lines.append(
             f"{row['concurrency']:>4}  {row['case']:<16} {row['rps']:>9.0f} "
             f"{row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
-            f"{(f'{ratio:.2f}' if ratio is not None else '-'):>15} {row['errors']:>7}"
+            f"{(f'{ratio:.2f}' if ratio is not None else '-'):>15} "
+            f"{(f'{cpu:.0f}' if (cpu := row.get('cpu_us_per_request')) else '-'):>11} "
+            f"{row['errors']:>7}"
         )
     t = result["targets"]
     d = result["decision"]
     rv = result["revocation"]
+    a = result["access_log"]
     lines += [
         "",
         f"target: access-proxy / baseline >= {t['throughput_ratio_min']} (one worker)",
         "",
         f"decide() on a cache hit:           {d['decide_us']:7.2f} us per call "
         f"(target < {t['decide_us_max']:g} us)",
+        f"models the chat body names (surfaces): {d['request_models_us']:7.2f} us "
+        f"(its json.loads alone: {d['json_parse_us']:.2f} us)",
         f"cache-hit path (key + facts + decide): {d['cache_hit_path_us']:7.2f} us",
         f"  with the key check (HMAC):       {d['cache_hit_path_with_key_check_us']:7.2f} us",
+        "",
+        f"access log on the request path:    {a['request_path_off_us']:7.2f} us per request "
+        f"with mode off, {a['request_path_all_us']:.2f} us writing every request",
+        f"  its writer thread, per line:     {a['writer_per_line_us']:7.2f} us (encode + write)",
         "",
         f"revocation refused on a second process: p50 {rv['p50_ms']:.2f} ms, "
         f"p99 {rv['p99_ms']:.2f} ms, max {rv['max_ms']:.2f} ms over {rv['refused']} trials "
@@ -668,6 +768,8 @@ async def run(settings: Settings, log: Any) -> dict[str, Any]:
         rows = await throughput(bench, log)
         log("decision cost")
         decision = await decision_cost(bench)
+        log("access log cost")
+        access_log = await access_log_cost(bench)
         log("revocation")
         revoked = await revocation(bench)
         return {
@@ -680,6 +782,7 @@ async def run(settings: Settings, log: Any) -> dict[str, Any]:
             "throughput": rows,
             "decision": decision,
             "revocation": revoked,
+            "access_log": access_log,
             "targets": TARGETS,
             "notes": bench.notes,
         }

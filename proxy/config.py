@@ -92,9 +92,15 @@ def _http_url(v: Any) -> str | None:
 
 
 def _redis_url(v: Any) -> str | None:
-    if v == "embedded" or re.match(r"(rediss?|unix|redis\+sentinel|redis\+cluster)://", v):
+    if v == "embedded":
         return None
-    return "must be 'embedded' or a redis://, rediss:// or unix:// URL"
+    from proxy.store.topology import parse_url  # here: the store imports this module
+
+    try:
+        parse_url(v)
+    except ValueError as exc:
+        return f"must be 'embedded' or a Redis URL of SPEC §2: {exc}"
+    return None
 
 
 def _absolute_path(v: Any) -> str | None:
@@ -420,6 +426,22 @@ class UsageConfig:
     retention_days: int = setting(400, check=_positive)  # usage per UTC day kept this long
 
 
+def _log_path(v: Any) -> str | None:
+    return None if v.strip() else "must be stderr or a file path"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """SPEC §11. ``path`` is ``stderr`` or a file (relative: to where the command started)."""
+
+    mode: str = setting("denials", check=_one_of("off", "denials", "all"))
+    path: str = setting("stderr", check=_log_path)
+    sample: float = setting(
+        1.0, check=lambda v: None if 0 <= v <= 1 else "must be between 0 and 1", convert=float
+    )
+    queue_lines: int = setting(10_000, check=_positive)  # waiting for the writer; then dropped
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = setting(10 * 1024 * 1024, check=_positive)
@@ -544,6 +566,7 @@ class Config:
         None, read=_read_networks
     )
     limits: Limits = setting()
+    access_log: AccessLogConfig = setting()
     cache: CacheConfig = setting()
     misuse: MisuseConfig = setting()
     rate_limits: RateLimits = setting()

@@ -33,6 +33,7 @@ from proxy.redis_server import RedisServer
 from proxy.server import build_proxy, configure_logging
 
 DEMO_CONFIG = "demo.yaml"
+ACCESS_LOG = "access.log"
 ROLES = {
     "ops": ["operator"],
     "provider-review": ["approver:provider"],
@@ -59,8 +60,11 @@ def shipped_config() -> str:
     return resources.files("proxy").joinpath(DEMO_CONFIG).read_text()
 
 
-def demo_config(port: int, admin_port: int, upstream_port: int) -> tuple[str, dict[str, str]]:
-    """The shipped demo config with the demo's ports and fresh admin tokens."""
+def demo_config(
+    port: int, admin_port: int, upstream_port: int, access_log: Path
+) -> tuple[str, dict[str, str]]:
+    """The shipped demo config with the demo's ports, fresh admin tokens, and every request in
+    the access log at ``access_log``."""
     data = yaml.safe_load(shipped_config())
     tokens = {name: secrets.token_urlsafe(24) for name in ROLES}
     data["listen"] = {"host": "127.0.0.1", "port": port}
@@ -72,6 +76,7 @@ def demo_config(port: int, admin_port: int, upstream_port: int) -> tuple[str, di
         ],
     }
     data["upstreams"]["models"]["url"] = f"http://127.0.0.1:{upstream_port}"
+    data["access_log"] = {"mode": "all", "path": str(access_log)}
     return yaml.safe_dump(data, sort_keys=False), tokens
 
 
@@ -401,7 +406,7 @@ async def demo(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
     startup.state_dir(str(state))
-    text, tokens = demo_config(args.port, args.admin_port, args.upstream_port)
+    text, tokens = demo_config(args.port, args.admin_port, args.upstream_port, state / ACCESS_LOG)
     cfg_path = state / "proxy.yaml"
     cfg_path.write_text(text)
     env.set_default("UPSTREAM_API_KEY", "demo-upstream-key")
@@ -540,6 +545,7 @@ def report(
         "  asyncio.run(main())",
         "  EOF",
         "",
+        f"Access log (every request, JSON lines): tail -f {Path(args.state_dir) / ACCESS_LOG}",
         f"Metrics: curl -s http://127.0.0.1:{admin_port}/metrics"
         " | grep -e access_proxy_requests_total -e access_proxy_tokens_total",
         "Ctrl-C stops everything.",

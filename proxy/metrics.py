@@ -174,6 +174,12 @@ UNMETERED = Counter(
 )
 
 
+ACCESS_LOG_DROPPED = Counter(
+    "access_proxy_access_log_dropped_total",
+    "Access log lines dropped because the queue was full or the sink failed.",
+)
+
+
 class Tally:
     """One counter series counted on the request path: a plain number, no lock per update."""
 

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import config as config_mod
 from proxy import env, eventloop, identity, metrics, startup
+from proxy.accesslog import AccessLog
 from proxy.admin.api import AdminContext, admin_app
 from proxy.background import Task, every
 from proxy.config import Config
@@ -40,10 +41,12 @@ from proxy.reload import Reloader
 from proxy.snapshot import Holder
 from proxy.store.batchfiles import BatchFiles
 from proxy.store.cache import FactCache
-from proxy.store.connection import Gate, make_client
+from proxy.store.connection import Gate
 from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
+from proxy.store.migrate import migrate_when_reachable
 from proxy.store.ratelimit import RateLimiter
+from proxy.store.topology import Topology
 from proxy.store.usage import UsageStore
 from proxy.store.writes import Writes
 
@@ -70,9 +73,17 @@ class Proxy:
 
     async def start(self) -> None:
         cfg = self.holder.current.config
-        self.fast_redis = make_client(self.redis_url, timeout_s=cfg.redis.timeout_ms / 1000)
-        self.admin_redis = make_client(self.redis_url, timeout_s=5.0, reconnect=True)
-        self.sub_redis = make_client(self.redis_url, timeout_s=None)
+        self.topology = Topology(self.redis_url)
+        self.fast_redis = self.topology.client(cfg.redis.timeout_ms / 1000)
+        self.admin_redis = self.topology.client(5.0, reconnect=True)
+        self.sub_redis = self.topology.client(None)
+        self.data_redis = self.topology.data_client(5.0)
+        self.migration: asyncio.Task[None] | None = None
+        if self.topology.kind != "cluster":
+            # Before serving when Redis answers; else as soon as it does.
+            self.migration = asyncio.create_task(migrate_when_reachable(self.admin_redis))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.migration), 2.0)
         self.cache: FactCache[Any] = FactCache(cfg.cache.max_entries)
         self.gate = Gate.of(cfg.redis)
         self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
@@ -83,7 +94,12 @@ class Proxy:
             self.sub_redis, self.cache, on_reconnect=self.gate.breaker.retry_now
         )
         self.subscriber.start()
-        self.limiter = RateLimiter(self.fast_redis, self.gate, secrets.token_hex(6))
+        self.limiter = RateLimiter(
+            self.fast_redis,
+            self.gate,
+            secrets.token_hex(6),
+            resp=self.topology.resp(connect_timeout_s=1.0),
+        )
         await self.limiter.start()
         self.flags = FlagRecorder(
             self.writes,
@@ -109,10 +125,12 @@ class Proxy:
             websocket=self.sessions,
         )
         self.meter = Meter(
-            UsageStore(self.admin_redis),
+            UsageStore(self.data_redis),
             retention_days=lambda: self.holder.current.config.usage.retention_days,
         )
         self.meter.start()
+        self.access_log = AccessLog()
+        self.access_log.start()
         self.dataplane = DataPlane(
             self.holder,
             self.entitlements,
@@ -121,6 +139,7 @@ class Proxy:
             hooks,
             self.meter,
             BatchFiles(self.admin_redis),
+            access_log=self.access_log,
         )
         dataplane = self.dataplane
         copy = metrics.track_inflight(lambda: dataplane.inflight, env.multiproc_dir() is not None)
@@ -191,7 +210,8 @@ class Proxy:
         return await self.reloader.admin_reload()
 
     def _admin_app(self) -> web.Application:
-        app = admin_app(AdminContext(self.holder, self.writes, self.peppers, self._reload))
+        usage = UsageStore(self.data_redis)
+        app = admin_app(AdminContext(self.holder, self.writes, self.peppers, self._reload, usage))
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -240,9 +260,10 @@ class Proxy:
         await self.limiter.stop()
         await self.subscriber.stop()
         await self.session.close()
-        for client in (self.fast_redis, self.admin_redis, self.sub_redis):
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        await asyncio.to_thread(self.access_log.stop)
+        if self.migration is not None:
+            self.migration.cancel()
+        await self.topology.aclose()
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -268,6 +289,7 @@ async def build_proxy(
     pepper_here = own_state and not (env.secret(cfg.keys.pepper_env) or cfg.keys.pepper_file)
     if embedded_here or pepper_here:
         startup.state_dir(cfg.state_dir)
+    startup.access_log_path(cfg.access_log)
     peppers = startup.peppers(cfg, cfg.state_dir if own_state else None)
     embedded: RedisServer | None = None
     if embedded_here:
@@ -313,6 +335,7 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
     )
     if proxy.reloader is not None:
         proxy.reloader.install_sighup(loop)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.access_log.reopen)
     await stop.wait()
     log.info("draining (grace %.0fs)", cfg.shutdown_grace_s)
     await proxy.stop()
@@ -328,6 +351,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     embedded = url == "embedded"
     if embedded:
         startup.state_dir(cfg.state_dir)
+    startup.access_log_path(cfg.access_log)
     startup.peppers(cfg, cfg.state_dir if embedded else None)
     # The workers bind with SO_REUSEPORT, which would share a port another process holds.
     startup.port_free("data listener", "listen.port", cfg.listen.host, cfg.listen.port)
@@ -346,7 +370,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
     stop_signals: list[int] = []
 
     def forward(sig: int, _frame: Any) -> None:
-        if sig != signal.SIGHUP:
+        if sig not in (signal.SIGHUP, signal.SIGUSR1):
             stop_signals.append(sig)
         for p in procs:
             if p.poll() is None:
@@ -354,7 +378,7 @@ def supervise(cfg: Config, config_path: str, workers: int) -> int:
 
     # Handlers first: a signal that arrives while the workers start must not kill the
     # supervisor (the default action) and leave them running; a stop reaches the late ones too.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
     for _ in range(workers):
         procs.append(subprocess.Popen(cmd, env=worker_env))

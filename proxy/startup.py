@@ -1,10 +1,10 @@
 """Start-up checks, each failing with one line that names the cause and the fix (SPEC §2).
 
 ``serve`` and ``demo`` run these before they accept traffic: the state directory is writable,
-the pepper is there and strong enough, the embedded Redis starts or the external one answers,
-the listen ports are free. Each failure is a :class:`StartupError`; :func:`fail` prints it as one
-line on stderr and gives the exit code 1. Anything else that escapes is a bug and keeps its
-traceback.
+the pepper is there and strong enough, the access log file opens, the embedded Redis starts or
+the external one answers, the listen ports are free. Each failure is a :class:`StartupError`;
+:func:`fail` prints it as one line on stderr and gives the exit code 1. Anything else that
+escapes is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from proxy import identity
-from proxy.config import Config, ConfigError
+from proxy.accesslog import STDERR
+from proxy.config import AccessLogConfig, Config, ConfigError
 from proxy.redis_server import RedisServer, RedisServerError
-from proxy.store.connection import make_client
+from proxy.store.topology import Topology
 
 REDIS_DEADLINE_S = 5.0
 _REDIS_RETRY_S = 0.2
@@ -69,6 +70,20 @@ def state_dir(path: str) -> Path:
             "make it writable by this user, or point state_dir in the config elsewhere",
         ) from None
     return where
+
+
+def access_log_path(settings: AccessLogConfig) -> None:
+    """The access log's file can be opened for appending (it is created if missing)."""
+    if settings.mode == "off" or settings.path == STDERR:
+        return
+    try:
+        fd = os.open(settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise StartupError(
+            f"access log {settings.path!r} cannot be opened ({exc.strerror or exc})",
+            "create its directory or make it writable, or set access_log.path (or stderr)",
+        ) from None
+    os.close(fd)
 
 
 def peppers(cfg: Config, generated_in: str | None) -> identity.Peppers:
@@ -121,11 +136,13 @@ async def redis_reachable(url: str, deadline_s: float = REDIS_DEADLINE_S) -> Non
     """Return once Redis at ``url`` answers PING; give up after ``deadline_s``."""
     shown = redact(url)
     try:
-        client = make_client(url, timeout_s=min(2.0, deadline_s))
+        topology = Topology(url)
+        client = topology.client(min(2.0, deadline_s))
     except ValueError as exc:
         raise StartupError(
             f"Redis URL {shown} is not usable ({exc})",
-            "set REDIS_URL or redis.url to redis://, rediss://, unix:// or embedded",
+            "set REDIS_URL or redis.url to embedded or a URL of redis://, rediss://, unix://, "
+            "redis+sentinel://, redis+cluster:// (or their rediss+ forms)",
         ) from None
     last = "no answer"
     end = time.monotonic() + deadline_s
@@ -141,7 +158,7 @@ async def redis_reachable(url: str, deadline_s: float = REDIS_DEADLINE_S) -> Non
             await asyncio.sleep(_REDIS_RETRY_S)
     finally:
         with contextlib.suppress(Exception):
-            await client.aclose()
+            await topology.aclose()
     raise StartupError(
         f"Redis at {shown} is unreachable ({last})",
         "start it or fix REDIS_URL / redis.url (or use redis.url: embedded on one machine)",

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import identity, metrics
+from proxy import accesslog, identity, metrics
 from proxy.dataplane import headers as hdrs
 from proxy.dataplane.batches import upload_batch_file
 from proxy.dataplane.forward import UpstreamError, client_timeout, forward
@@ -34,8 +34,7 @@ from proxy.snapshot import Holder, Snapshot
 from proxy.store.batchfiles import BatchFiles, BatchFilesUnavailable
 from proxy.store.cache import EntitlementUnavailable
 from proxy.store.entitlements import Entitlements
-from proxy.surfaces import BodyError as BodyError  # re-exported for the WebSocket room
-from proxy.surfaces import Named, named_models
+from proxy.surfaces import BodyError, Named, named_models
 from proxy.surfaces.errors import invalid, too_large
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,6 @@ ADMITTED = Admission()
 
 class WebSocketHook(Protocol):
     """What the handler needs for a WebSocket upgrade (``proxy.dataplane.websocket``)."""
-
-    def model_of(self, request: web.BaseRequest) -> str | None: ...
 
     async def relay(
         self,
@@ -155,8 +152,10 @@ class DataPlane:
         hooks: Hooks | None = None,
         meter: Meter | None = None,
         batch_files: BatchFiles | None = None,
+        access_log: accesslog.AccessLog | None = None,
     ) -> None:
         self.holder = holder
+        self.access_log = access_log
         self.entitlements = entitlements
         self.peppers = peppers
         self.session = session
@@ -179,6 +178,9 @@ class DataPlane:
         if counter is None:
             counter = self._requests[key] = metrics.tally(metrics.REQUESTS, *key)
         counter.inc()
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.product, entry.program, entry.code = product, program, code
         hist = self._durations.get(product)
         if hist is None:
             hist = self._durations[product] = metrics.spread(metrics.REQUEST_DURATION, product)
@@ -188,11 +190,18 @@ class DataPlane:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
+        entry = accesslog.Entry(time.time(), started)
+        token = accesslog.current.set(entry)
         self.inflight += 1
         try:
             response = await self._handle(request, started)
         finally:
             self.inflight -= 1
+            accesslog.current.reset(token)
+        if self.access_log is not None and entry.code is not None:
+            entry.status = response.status
+            entry.duration_ms = (time.perf_counter() - started) * 1000
+            self.access_log.submit(entry)
         if "upgrade" in request.headers and not isinstance(response, web.WebSocketResponse):
             # What follows an upgrade request on this connection is no longer HTTP to parse.
             response.force_close()
@@ -203,6 +212,9 @@ class DataPlane:
         cfg = snap.config
         rid = new_request_id()
         path, _, query = request.raw_path.partition("?")
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.request_id, entry.settings = rid, cfg.access_log
 
         # Row 1: route.
         host = request.host.split(":", 1)[0] if snap.host_routes and request.host else None
@@ -226,6 +238,8 @@ class DataPlane:
         if facts is None:
             self._count(product, "none", "invalid_api_key", started)
             return deny_response("invalid_api_key", rid)
+        if entry is not None:
+            entry.org, entry.workspace = facts.workspace.org_id, facts.workspace.workspace_id
 
         upstream_path = path
         if route.rewrite_prefix is not None:
@@ -249,8 +263,8 @@ class DataPlane:
                 cfg.limits.max_body_bytes,
             )
             models = named.models
-            if websocket is not None:
-                websocket.model_of(request)  # a session must name its model
+            if websocket is not None and not models:
+                raise invalid("A WebSocket session must name its model: ?model=...")
             if named.input_file_id is not None:
                 models = await self._batch_input_models(named.input_file_id)
         except BodyError as exc:
@@ -258,6 +272,8 @@ class DataPlane:
         except BatchFilesUnavailable:
             self._count(product, "none", "entitlement_unavailable", started)
             return deny_response("entitlement_unavailable", rid)
+        if entry is not None:
+            entry.model = models[0] if models else None
 
         decision = decide_models(
             facts,
@@ -358,6 +374,9 @@ class DataPlane:
         key_id = identity.key_id_of(key)
         if key_id is None:
             return None
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.key_id = key_id  # the key's public id, never the key
         rec = await self.entitlements.key(key_id, cfg.cache)
         if rec is None or rec.revoked:
             return None
@@ -386,7 +405,7 @@ class DataPlane:
         started: float,
     ) -> web.StreamResponse:
         """An allowed upgrade: the session runs (holding its slot) until either side closes."""
-        assert model is not None  # model_of refuses an upgrade that names none
+        assert model is not None  # an upgrade that names no model is refused
         query = request.rel_url.raw_query_string
         out_headers = hdrs.upstream_request_headers(
             request.headers,
@@ -510,6 +529,9 @@ class DataPlane:
         if ttfb is None:
             ttfb = self._ttfb[upstream_name] = metrics.spread(metrics.UPSTREAM_TTFB, upstream_name)
         ttfb.observe(result.ttfb_seconds)
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.ttfb_ms, entry.upstream_status = result.ttfb_seconds * 1000, result.status
         if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
             # (a small body goes out when this returns, after one JSON parse).
@@ -518,6 +540,8 @@ class DataPlane:
             )
             if usage is not None and on_tokens is not None:
                 on_tokens(usage.prompt + usage.output)
+            if usage is not None and entry is not None:
+                entry.tokens = dict(usage.kinds())
         self._count(product, program, "ok", started)
         return result.response
 
@@ -543,6 +567,9 @@ class DataPlane:
             ) as resp:
                 raw = await resp.read()
                 status = resp.status
+            entry = accesslog.current.get()
+            if entry is not None:
+                entry.upstream_status = status
         except TimeoutError:
             self._count(product, "none", "upstream_timeout", started)
             return deny_response("upstream_timeout", rid)

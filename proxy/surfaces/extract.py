@@ -30,6 +30,7 @@ from proxy.surfaces.jsonbody import object_models
 _MODEL_FIELDS = frozenset({"model"})
 _UPLOAD_FIELDS = frozenset({"model", "purpose"})
 _JSON_START = b"{"
+_JSON = "application/json"
 
 
 @dataclass(slots=True)
@@ -52,12 +53,14 @@ class _Names:
         self.norm: str | None = None
 
     def add(self, name: str) -> None:
-        norm = normalize(name)
-        if not norm:
+        if self.first is None:  # normalized only when a second name comes to compare
+            if name.strip():
+                self.first = name
             return
         if self.norm is None:
-            self.first, self.norm = name, norm
-        elif norm != self.norm:
+            self.norm = normalize(self.first)
+        norm = normalize(name)
+        if norm and norm != self.norm:
             raise invalid("The request names two different models.")
 
 
@@ -92,8 +95,11 @@ def named_models(
                 named.encoded = True
         _read_body(named, names, body, content_types, limit)
     if names.first is not None:
-        norm = names.norm
-        named.models = (names.first, *(m for m in named.models if normalize(m) != norm))
+        if named.models:  # a batch upload's lines: the request's own name first, once
+            norm = normalize(names.first)
+            named.models = (names.first, *(m for m in named.models if normalize(m) != norm))
+        else:
+            named.models = (names.first,)
     if not named.models and endpoint.requires_model and method == "POST":
         raise invalid("The request must name a model.")
     if endpoint.kind == "batch_create" and method == "POST":
@@ -104,9 +110,12 @@ def named_models(
 def _read_body(
     named: Named, names: _Names, body: bytes, content_types: Sequence[str], limit: int
 ) -> None:
-    if len(set(content_types)) > 1:
+    if len(content_types) > 1 and len(set(content_types)) > 1:
         raise invalid("The request has conflicting Content-Type headers.")
     ctype = content_types[0] if content_types else ""
+    if ctype == _JSON:
+        _read_json(named, names, body)
+        return
     mime = ctype.split(";", 1)[0].strip().lower()
     if mime.startswith("multipart/"):
         _read_multipart(named, names, body, ctype, limit)

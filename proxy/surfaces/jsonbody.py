@@ -15,6 +15,7 @@ from typing import Any
 from proxy.surfaces.errors import invalid
 
 MAX_DEPTH = 64
+_COUNT_BELOW = 4096
 _MODEL_KEY = b'"model"'
 _ESCAPED_LETTER = re.compile(rb"\\u00[4-7]")
 
@@ -42,7 +43,10 @@ def loads(body: bytes, *, strict: bool = False) -> Any:
         raise invalid(f"The JSON body is nested deeper than {MAX_DEPTH} levels.") from None
     except (ValueError, UnicodeDecodeError):
         raise invalid("The request body is not valid JSON.") from None
-    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _too_deep(doc):
+    # Deeper than 64 needs 65 openers; a large body is walked without counting them first.
+    if (len(body) > _COUNT_BELOW or body.count(b"{") + body.count(b"[") > MAX_DEPTH) and _too_deep(
+        doc
+    ):
         raise invalid(f"The JSON body is nested deeper than {MAX_DEPTH} levels.")
     return doc
 
@@ -74,6 +78,15 @@ def object_models(body: bytes) -> tuple[Any, list[str]]:
     doc = loads(body)
     if type(doc) is not dict:
         return doc, []
+    model = doc.get("model")
+    if (  # the common case: one plain model key, no session, nothing that could hide another
+        type(model) is str
+        and "session" not in doc
+        and body.count(_MODEL_KEY) == 1
+        and b"\\u00" not in body
+        and model.strip()
+    ):
+        return doc, [model]
     names, keys = _models_in(doc)
     if body.count(_MODEL_KEY) != keys or (b"\\u00" in body and _ESCAPED_LETTER.search(body)):
         doc = loads(body, strict=True)  # refuses the duplicates; else the same document

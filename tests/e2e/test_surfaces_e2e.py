@@ -46,6 +46,7 @@ from tests.e2e.conftest import PREVIEW, Seeder, ServeProcess, Tenant, start_serv
 
 PREVIEW_MODELS = ("gpt-5.6-sol", "gpt-5.6-terra", "gpt-5.6-luna")
 DECOY = "gpt-4o"  # in no program: allowed for anyone (unlisted_models: allow)
+LISTED = ("gpt-5.6-sol-2026-06-24", "GPT-5.6-TERRA", "ft:gpt-5.6-luna:acme::1", DECOY)
 SETTINGS = settings(
     max_examples=120,
     deadline=None,
@@ -135,6 +136,8 @@ class ReadingUpstream:
             body = raw
         path, _, query = request.raw_path.partition("?")
         canon = re.sub(r"/+", "/", unquote(path)).lower()
+        if canon.rstrip("/") == "/v1/models" and request.method == "GET":
+            return web.json_response({"object": "list", "data": [{"id": m} for m in LISTED]})
         names = _form_models(query)
         if canon.startswith("/v1/models/"):
             names.append(unquote(path).split("/models/", 1)[1])
@@ -570,3 +573,10 @@ def test_unknown_content_encoding_is_400(world: World) -> None:
     status, answer = send(world, world.granted.key, req)
     assert status == 400, answer
     assert world.upstream.ran == [], "an unreadable body was forwarded"
+
+
+def test_the_model_list_is_filtered_with_the_same_name_rules(world: World) -> None:
+    for tenant, expected in ((world.stranger, [DECOY]), (world.granted, list(LISTED))):
+        status, answer = send(world, tenant.key, Req("GET", "/v1/models", []))
+        assert status == 200, answer
+        assert [item["id"] for item in json.loads(answer)["data"]] == expected

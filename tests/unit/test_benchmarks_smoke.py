@@ -73,6 +73,12 @@ def check_complete(result: dict[str, Any]) -> None:
     decision = result["decision"]
     for field in ("decide_us", "cache_hit_path_us", "cache_hit_path_with_key_check_us"):
         assert decision[field] > 0, decision
+    access_log = result["access_log"]
+    for field in ("request_path_off_us", "request_path_all_us", "writer_per_line_us"):
+        assert access_log[field] > 0, access_log
+    for row in result["throughput"]:
+        if row["kind"] != "upstream":  # the servers' own CPU time per request was read
+            assert row["cpu_us_per_request"] > 0, row
     revocation = result["revocation"]
     assert revocation["refused"] == revocation["trials"] > 0, revocation
     assert revocation["timeouts"] == 0
@@ -127,3 +133,31 @@ def test_wrk_against_nginx() -> None:
     assert result["load_generator"].startswith("wrk")
     assert result["upstream"].startswith("nginx")
     assert result["notes"] == []
+
+
+def test_streams_benchmark_relays_every_chunk_in_order() -> None:
+    """``benchmarks/streams.py`` in a tiny mode: both targets relay every stream whole and in
+    order (its exit code says so), and each figure is measured."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "streams.py"),
+            "--streams",
+            "20",
+            "--chunks",
+            "5",
+            "--chunk-delay-ms",
+            "5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert [r["target"] for r in result["results"]] == ["baseline", "access-proxy"]
+    for r in result["results"]:
+        assert (r["ok"], r["broken"]) == (20, 0), r
+        assert r["ttfb_p50_ms"] > 0 and r["cpu_us_per_chunk"] >= 0, r

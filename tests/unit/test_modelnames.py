@@ -139,3 +139,27 @@ def test_config_keeps_disjoint_programs_and_glob_overlap_within_one() -> None:
     assert cfg.program_of(" GPT-5.6-SOL-2026-01-01") == "a"
     assert cfg.program_of("ft:gpt-5.7-x:org::1") == "b"
     assert cfg.program_of("gpt-5.8") is None
+
+
+# --------------------------------------------------------------------------- one matcher everywhere
+
+
+def test_decide_subsets_explain_and_batches_share_the_matcher() -> None:
+    from proxy.admin.explain import explain_facts
+    from proxy.policy import RequestInfo, decide, decide_models
+    from tests.unit.test_policy import ALLOW_UNLISTED, NOW, make_facts, make_grant
+
+    cfg = ALLOW_UNLISTED
+    snapshot = " GPT-5.6-Sol-2026-06-24"
+    nobody = make_facts()
+    assert decide(nobody, cfg, RequestInfo("api", snapshot), NOW).code == "model_not_found"
+    granted = make_facts((make_grant(models=("gpt-5.6-sol",)),))
+    assert decide(granted, cfg, RequestInfo("api", snapshot), NOW).allowed
+    assert decide(granted, cfg, RequestInfo("api", "ft:gpt-5.6-sol:a::1"), NOW).allowed
+    assert decide(granted, cfg, RequestInfo("api", "gpt-5.6-terra"), NOW).code == "model_not_found"
+    answer = explain_facts(cfg, nobody, RequestInfo("api", snapshot), NOW, {})
+    assert answer["facts"]["program"] == "gpt-5.6-preview" and answer["code"] == "model_not_found"
+    # A batch naming an allowed model and a preview snapshot is refused as a whole.
+    batch = decide_models(nobody, cfg, "api", ("gpt-4o", snapshot), NOW)
+    assert batch.code == "model_not_found"
+    assert decide_models(granted, cfg, "api", ("gpt-4o", snapshot), NOW).allowed
