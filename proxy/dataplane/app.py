@@ -34,8 +34,7 @@ from proxy.snapshot import Holder, Snapshot
 from proxy.store.batchfiles import BatchFiles, BatchFilesUnavailable
 from proxy.store.cache import EntitlementUnavailable
 from proxy.store.entitlements import Entitlements
-from proxy.surfaces import BodyError as BodyError  # re-exported for the WebSocket room
-from proxy.surfaces import Named, named_models
+from proxy.surfaces import BodyError, Named, named_models
 from proxy.surfaces.errors import invalid, too_large
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,6 @@ ADMITTED = Admission()
 
 class WebSocketHook(Protocol):
     """What the handler needs for a WebSocket upgrade (``proxy.dataplane.websocket``)."""
-
-    def model_of(self, request: web.BaseRequest) -> str | None: ...
 
     async def relay(
         self,
@@ -266,8 +263,8 @@ class DataPlane:
                 cfg.limits.max_body_bytes,
             )
             models = named.models
-            if websocket is not None:
-                websocket.model_of(request)  # a session must name its model
+            if websocket is not None and not models:
+                raise invalid("A WebSocket session must name its model: ?model=...")
             if named.input_file_id is not None:
                 models = await self._batch_input_models(named.input_file_id)
         except BodyError as exc:
@@ -408,7 +405,7 @@ class DataPlane:
         started: float,
     ) -> web.StreamResponse:
         """An allowed upgrade: the session runs (holding its slot) until either side closes."""
-        assert model is not None  # model_of refuses an upgrade that names none
+        assert model is not None  # an upgrade that names no model is refused
         query = request.rel_url.raw_query_string
         out_headers = hdrs.upstream_request_headers(
             request.headers,
