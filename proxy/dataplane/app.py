@@ -305,7 +305,9 @@ class DataPlane:
         response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
-            admission = await self.hooks.admit(snap, facts, decision, body, rid)
+            admission = await self.hooks.admit(
+                snap, facts, decision, named.decoded if named.encoded else body, rid
+            )
             if admission.refused is not None:
                 self._count(product, program, admission.refused_code or "refused", started)
                 return admission.refused
