@@ -62,19 +62,22 @@ _CACHE_MAX = 4096
 _cache: dict[tuple[str, str], tuple[Endpoint, str | None]] = {}
 
 
-def canonical_path(path: str) -> str:
-    """The path as routing compares it (case kept; see the module doc)."""
-    decoded = unquote(path, errors="replace") if "%" in path else path
+def canonical_path(path: str, *, strip_params: bool = True) -> str:
+    """The path as routing compares it (case kept; see the module doc). ``;parameters`` are cut
+    from the raw segments, before percent-decoding (an encoded ``%3B`` is part of a name)."""
     segments: list[str] = []
-    for raw in decoded.split("/"):
-        segment = raw.split(";", 1)[0]
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if segments:
-                segments.pop()
-            continue
-        segments.append(segment)
+    for raw in path.split("/"):
+        if strip_params:
+            raw = raw.split(";", 1)[0]
+        decoded = unquote(raw, errors="replace") if "%" in raw else raw
+        for segment in decoded.split("/"):
+            if segment in ("", "."):
+                continue
+            if segment == "..":
+                if segments:
+                    segments.pop()
+                continue
+            segments.append(segment)
     return "/" + "/".join(segments)
 
 
@@ -88,7 +91,8 @@ def endpoint_of(method: str, path: str) -> tuple[Endpoint, str | None]:
     lower = canon.lower()
     found: tuple[Endpoint, str | None]
     if lower.startswith(MODELS_PREFIX) and len(canon) > len(MODELS_PREFIX):
-        found = (MODEL_PATH, canon[len(MODELS_PREFIX) :])
+        whole = canonical_path(path, strip_params=False)  # the model keeps its ';'
+        found = (MODEL_PATH, whole[len(MODELS_PREFIX) :])
     elif lower == "/v1/models" and method == "GET":
         found = (MODEL_LIST, None)
     elif method == "POST" and lower in _POST:

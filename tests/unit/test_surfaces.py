@@ -12,7 +12,7 @@ from typing import Any
 import brotli
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from proxy.modelnames import normalize
@@ -109,9 +109,8 @@ def test_every_other_place_is_read(name: str, place: str) -> None:
     elif place == "query":
         named = read(path="/v1/realtime", query="model=" + quote(name, safe=""), method="GET")
     elif place == "path":
+        assume("/" not in name and name not in (".", ".."))
         named = read(path="/v1/models/" + quote(name, safe=""), method="GET")
-        assert named.models == (name.strip("/"),) or normalize(named.models[0]) != ""
-        return
     else:
         body = json.dumps({"session": {"type": "realtime", "model": name}}).encode()
         named = read(body, path="/v1/realtime/client_secrets")
