@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test demo bench image-test deploy-check clean
+.PHONY: install lint test demo bench bench-streams image-test deploy-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+bench-streams: $(STAMP)
+	$(BIN)/python benchmarks/streams.py
 
 # Builds the Docker image (and its base image when absent) and runs it end to end; needs root
 # and Docker (installed with apt when missing; dockerd started when no daemon answers).

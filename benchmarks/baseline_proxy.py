@@ -67,7 +67,7 @@ class Baseline:
             response = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason)
             response.headers.update(_pass_through(upstream_resp.headers))
             await response.prepare(request)
-            while chunk := await upstream_resp.content.read():
+            while chunk := await upstream_resp.content.readany():
                 await response.write(chunk)
             await response.write_eof()
             return response

@@ -92,9 +92,15 @@ def _http_url(v: Any) -> str | None:
 
 
 def _redis_url(v: Any) -> str | None:
-    if v == "embedded" or re.match(r"(rediss?|unix|redis\+sentinel|redis\+cluster)://", v):
+    if v == "embedded":
         return None
-    return "must be 'embedded' or a redis://, rediss:// or unix:// URL"
+    from proxy.store.topology import parse_url  # here: the store imports this module
+
+    try:
+        parse_url(v)
+    except ValueError as exc:
+        return f"must be 'embedded' or a Redis URL of SPEC §2: {exc}"
+    return None
 
 
 def _absolute_path(v: Any) -> str | None:

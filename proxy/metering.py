@@ -370,6 +370,7 @@ class Meter:
                 if "WRONGTYPE" in str(exc):
                     # The rest of the transaction was applied; writing it again would count twice.
                     log.error("usage batch partly refused by Redis, not retried: %s", exc)
+                    self._restore(batch)  # what is left: the other workspaces' shares
                     continue
                 failing = self._failed(batch, exc, failing)
             except (RedisError, OSError) as exc:

@@ -564,7 +564,7 @@ class MockUpstream:
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, backlog=1024).start()
         except BaseException:
             await runner.cleanup()
             raise

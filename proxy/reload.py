@@ -37,10 +37,10 @@ from proxy.background import every
 from proxy.config import Config, ConfigError, ConfigIssue
 from proxy.snapshot import Holder
 from proxy.store.pubsub import subscribe_forever
+from proxy.store.schema import RELOAD_CHANNEL
 
 log = logging.getLogger(__name__)
 
-RELOAD_CHANNEL = "ap:reload"
 PEER_ACK_TIMEOUT_S = 2.0
 # A file changed this recently may be written again within the same timestamp tick without its
 # size changing, so its content is compared as well (git's "racily clean" rule).

@@ -41,10 +41,12 @@ from proxy.reload import Reloader
 from proxy.snapshot import Holder
 from proxy.store.batchfiles import BatchFiles
 from proxy.store.cache import FactCache
-from proxy.store.connection import Gate, make_client
+from proxy.store.connection import Gate
 from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
+from proxy.store.migrate import migrate_when_reachable
 from proxy.store.ratelimit import RateLimiter
+from proxy.store.topology import Topology
 from proxy.store.usage import UsageStore
 from proxy.store.writes import Writes
 
@@ -71,9 +73,17 @@ class Proxy:
 
     async def start(self) -> None:
         cfg = self.holder.current.config
-        self.fast_redis = make_client(self.redis_url, timeout_s=cfg.redis.timeout_ms / 1000)
-        self.admin_redis = make_client(self.redis_url, timeout_s=5.0, reconnect=True)
-        self.sub_redis = make_client(self.redis_url, timeout_s=None)
+        self.topology = Topology(self.redis_url)
+        self.fast_redis = self.topology.client(cfg.redis.timeout_ms / 1000)
+        self.admin_redis = self.topology.client(5.0, reconnect=True)
+        self.sub_redis = self.topology.client(None)
+        self.data_redis = self.topology.data_client(5.0)
+        self.migration: asyncio.Task[None] | None = None
+        if self.topology.kind != "cluster":
+            # Before serving when Redis answers; else as soon as it does.
+            self.migration = asyncio.create_task(migrate_when_reachable(self.admin_redis))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.migration), 2.0)
         self.cache: FactCache[Any] = FactCache(cfg.cache.max_entries)
         self.gate = Gate.of(cfg.redis)
         self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
@@ -84,7 +94,12 @@ class Proxy:
             self.sub_redis, self.cache, on_reconnect=self.gate.breaker.retry_now
         )
         self.subscriber.start()
-        self.limiter = RateLimiter(self.fast_redis, self.gate, secrets.token_hex(6))
+        self.limiter = RateLimiter(
+            self.fast_redis,
+            self.gate,
+            secrets.token_hex(6),
+            resp=self.topology.resp(connect_timeout_s=1.0),
+        )
         await self.limiter.start()
         self.flags = FlagRecorder(
             self.writes,
@@ -110,7 +125,7 @@ class Proxy:
             websocket=self.sessions,
         )
         self.meter = Meter(
-            UsageStore(self.admin_redis),
+            UsageStore(self.data_redis),
             retention_days=lambda: self.holder.current.config.usage.retention_days,
         )
         self.meter.start()
@@ -195,7 +210,8 @@ class Proxy:
         return await self.reloader.admin_reload()
 
     def _admin_app(self) -> web.Application:
-        app = admin_app(AdminContext(self.holder, self.writes, self.peppers, self._reload))
+        usage = UsageStore(self.data_redis)
+        app = admin_app(AdminContext(self.holder, self.writes, self.peppers, self._reload, usage))
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -245,9 +261,9 @@ class Proxy:
         await self.subscriber.stop()
         await self.session.close()
         await asyncio.to_thread(self.access_log.stop)
-        for client in (self.fast_redis, self.admin_redis, self.sub_redis):
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        if self.migration is not None:
+            self.migration.cancel()
+        await self.topology.aclose()
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -22,7 +22,7 @@ from proxy import identity
 from proxy.accesslog import STDERR
 from proxy.config import AccessLogConfig, Config, ConfigError
 from proxy.redis_server import RedisServer, RedisServerError
-from proxy.store.connection import make_client
+from proxy.store.topology import Topology
 
 REDIS_DEADLINE_S = 5.0
 _REDIS_RETRY_S = 0.2
@@ -136,11 +136,13 @@ async def redis_reachable(url: str, deadline_s: float = REDIS_DEADLINE_S) -> Non
     """Return once Redis at ``url`` answers PING; give up after ``deadline_s``."""
     shown = redact(url)
     try:
-        client = make_client(url, timeout_s=min(2.0, deadline_s))
+        topology = Topology(url)
+        client = topology.client(min(2.0, deadline_s))
     except ValueError as exc:
         raise StartupError(
             f"Redis URL {shown} is not usable ({exc})",
-            "set REDIS_URL or redis.url to redis://, rediss://, unix:// or embedded",
+            "set REDIS_URL or redis.url to embedded or a URL of redis://, rediss://, unix://, "
+            "redis+sentinel://, redis+cluster:// (or their rediss+ forms)",
         ) from None
     last = "no answer"
     end = time.monotonic() + deadline_s
@@ -156,7 +158,7 @@ async def redis_reachable(url: str, deadline_s: float = REDIS_DEADLINE_S) -> Non
             await asyncio.sleep(_REDIS_RETRY_S)
     finally:
         with contextlib.suppress(Exception):
-            await client.aclose()
+            await topology.aclose()
     raise StartupError(
         f"Redis at {shown} is unreachable ({last})",
         "start it or fix REDIS_URL / redis.url (or use redis.url: embedded on one machine)",

@@ -80,6 +80,7 @@ class AdminContext:
     writes: Writes  # on a Redis client with normal (seconds) timeouts
     peppers: Peppers
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    usage: UsageStore | None = None  # per-workspace keys; None: on the writes' client
 
 
 class ApiError(Exception):
@@ -539,7 +540,7 @@ class AdminAPI:
         ws_id = request.match_info["ws"]
         if await self.read.workspace(ws_id) is None:
             raise NotFound(f"workspace {ws_id} not found")
-        store = UsageStore(self.redis)
+        store = self.ctx.usage or UsageStore(self.redis)
         if not q:
             return web.json_response({"workspace": ws_id, **await store.read(ws_id)})
         last = _day_param(q, "to", day_of(time.time()))

@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Upstream
-from proxy.dataplane.forward import UpstreamError, client_timeout
+from proxy.dataplane.forward import UpstreamError, client_timeout, upstream_errors
 from proxy.dataplane.headers import copy_response_headers
 from proxy.store.batchfiles import BatchFiles
 
@@ -39,7 +39,7 @@ async def upload_batch_file(
 
     Raises ``UpstreamError`` (no answer) and ``BatchFilesUnavailable`` (not recorded).
     """
-    try:
+    with upstream_errors():
         async with session.request(
             method,
             URL(upstream.url + url_path, encoded=True),
@@ -50,10 +50,6 @@ async def upload_batch_file(
         ) as resp:
             answer = await resp.content.read(MAX_ANSWER_BYTES + 1)
             status, reason, upstream_headers = resp.status, resp.reason, resp.headers
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamError("upstream_timeout", "upstream timed out") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError("upstream_unavailable", "upstream unreachable") from exc
     if len(answer) > MAX_ANSWER_BYTES:
         raise UpstreamError("upstream_unavailable", "the upload's answer is too large")
     file_id = _file_id(answer) if 200 <= status < 300 else None

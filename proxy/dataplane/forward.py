@@ -34,9 +34,10 @@ and ``forward`` returns ``completed=False``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -60,10 +61,34 @@ _SKIP_AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.C
 class UpstreamError(Exception):
     """The upstream could not be reached or did not answer in time, before any response byte."""
 
-    def __init__(self, code: str, message: str, *, answered: bool = False) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        answered: bool = False,
+        client_message: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.answered = answered  # the upstream had started answering (tokens may be spent)
+        self.client_message = client_message  # None: the error table's message
+
+
+@contextlib.contextmanager
+def upstream_errors() -> Iterator[None]:
+    """The one mapping of a failed exchange with the upstream (before its answer) to a code: a
+    timeout is 504 ``upstream_timeout``; a refused, reset or broken connection is 502
+    ``upstream_unavailable``. Raises ``UpstreamError``."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "first byte"
+        raise UpstreamError("upstream_timeout", f"upstream {phase} timed out") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError("upstream_unavailable", "upstream unreachable") from exc
 
 
 @dataclass(slots=True)
@@ -151,7 +176,7 @@ async def forward(
     """
     timeouts = upstream.timeouts
     started = time.monotonic()
-    try:
+    with upstream_errors():
         upstream_resp = await session.request(
             request.method,
             URL(upstream.url + url_path, encoded=True),
@@ -160,11 +185,6 @@ async def forward(
             allow_redirects=False,
             timeout=client_timeout(timeouts),
         )
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "first byte"
-        raise UpstreamError("upstream_timeout", f"upstream {phase} timed out") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError("upstream_unavailable", "upstream unreachable") from exc
     ttfb = time.monotonic() - started
 
     completed = False
@@ -191,11 +211,9 @@ async def forward(
             hide_usage and is_stream and status == 200,
         )
 
-        declared = upstream_resp.content_length
-        small = declared is not None and declared <= WHOLE_BODY_BYTES
-        if hider is None and not is_stream and small:
-            # A small body of known length is usually in hand already: answer it in one
-            # write.
+        # A small body of known length is usually in hand already: answer it in one write.
+        declared = _small_length(upstream_resp)
+        if declared is not None and hider is None and not is_stream:
             whole = await _read_whole(content, declared)
             response = web.Response(
                 status=status, reason=upstream_resp.reason, body=whole, headers=response.headers
@@ -215,6 +233,12 @@ async def forward(
             upstream_resp.release()
         else:
             upstream_resp.close()
+
+
+def _small_length(upstream_resp: aiohttp.ClientResponse) -> int | None:
+    """The declared length of a body small enough for one write, else None."""
+    declared = upstream_resp.content_length
+    return declared if declared is not None and declared <= WHOLE_BODY_BYTES else None
 
 
 def _watch_idle(upstream_resp: aiohttp.ClientResponse, idle_s: float) -> None:

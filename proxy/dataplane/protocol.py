@@ -3,8 +3,9 @@
 - Requests aiohttp's parser refuses (ambiguous framing, bad tokens, a body whose chunked framing
   breaks while the handler reads it) are answered 400 in the OpenAI error shape with an
   ``x-request-id``, never logged as a traceback: the client caused them. A request line without an
-  HTTP version (aiohttp reads it as HTTP/0.9) and an HTTP/1.0 request with ``Transfer-Encoding``
-  are refused the same way before any handler runs, so neither is forwarded.
+  HTTP version (aiohttp reads it as HTTP/0.9), one claiming a version above 1.1, and an HTTP/1.0
+  request with ``Transfer-Encoding`` are refused the same way before any handler runs, so none is
+  forwarded.
 - Slow clients: aiohttp has no header timeout of its own (its keep-alive timeout only closes idle
   connections). A connection's first request head must be complete within
   ``limits.client_header_timeout_s`` of the connection opening, a later one within that time of
@@ -43,6 +44,8 @@ def request_line_error(msg: Any) -> str | None:
     version = msg.version
     if version < (1, 0):
         return "The request line has no HTTP version"
+    if version > (1, 1):
+        return f"HTTP/{version[0]}.{version[1]} is not spoken here"  # HTTP/2 is not HTTP/1 text
     if version == (1, 0) and "transfer-encoding" in msg.headers:
         return "An HTTP/1.0 request must not carry Transfer-Encoding"
     return None

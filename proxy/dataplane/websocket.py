@@ -1,8 +1,9 @@
 """WebSocket sessions: the Realtime API (SPEC §3.3, §3.4, §3.5).
 
 An upgrade is decided by the handler like any request (route, key, facts, ``decide()``, rate
-limit and concurrency slot), with the model read from the query string by
-:meth:`Sessions.model_of`; a refusal is answered before the upgrade with the same status and body.
+limit and concurrency slot), with the model read from the query string by ``proxy.surfaces``
+(an upgrade that names none is refused); a refusal is answered before the upgrade with the same
+status and body.
 An allowed upgrade comes here: the proxy opens its own WebSocket to the upstream (same header and
 credential rules as HTTP forwarding), then upgrades the client and relays every message both
 ways, pings, pongs and close codes included, until either side closes. The session holds its
@@ -10,8 +11,8 @@ concurrency slot until then.
 
 While a session is open its access is decided again, with the same ``decide()``:
 
-- on every client event that names a model (``session.model``, ``response.model``) before it is
-  forwarded;
+- on every client event that names a model (``model``, ``session.model``, ``response.model``)
+  before it is forwarded;
 - when the invalidation signal evicts a cached fact the session stands on (its key, workspace,
   org, grants or standing), so a revocation or suspension ends it within the propagation target;
 - when the config snapshot is swapped (a phase flipped to ``closed``);
@@ -28,12 +29,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -44,13 +43,16 @@ from proxy import identity, metrics
 from proxy.background import Task, every
 from proxy.config import CacheConfig
 from proxy.dataplane import headers as hdrs
-from proxy.dataplane.app import BodyError, deny_response, presented_key
+from proxy.dataplane.app import Exchange, deny_response, presented_key
+from proxy.dataplane.forward import UpstreamError, upstream_errors
 from proxy.errors import error_payload
+from proxy.modelnames import normalize
 from proxy.policy import RequestInfo, decide
-from proxy.snapshot import Holder, Snapshot
+from proxy.snapshot import Holder
 from proxy.store import schema
 from proxy.store.cache import EntitlementUnavailable
 from proxy.store.entitlements import Entitlements
+from proxy.surfaces import BodyError, jsonbody
 
 log = logging.getLogger(__name__)
 
@@ -60,73 +62,45 @@ _MAX_SWEEP_S = 1.0
 _CLOSE_TIMEOUT_S = 5.0
 # Close codes that name a state, not a code a peer may send (RFC 6455 §7.4.1).
 _UNSENDABLE = {1004: 1000, 1005: 1000, 1006: 1011, 1015: 1011}
-_QUERY_SPLITS = (re.compile("&"), re.compile("[&;]"))
 _SUBPROTOCOL_KEY = hdrs.SUBPROTOCOL_KEY_PREFIX
 
 
 # ---------------------------------------------------------------------------- reading models
 
 
-def query_model(raw_query: str) -> str | None:
-    """The model a query string names, read as leniently as any upstream might.
-
-    A key names the model when, percent-decoded and trimmed, it is ``model`` in any case; pairs
-    are split on ``&`` and, as some servers do, on ``;`` too. Every name found must be the same
-    (trimmed, lower-cased) or the request is refused: two readers must never see two models.
-    """
-    names: set[str] = set()
-    for splitter in _QUERY_SPLITS:
-        for part in splitter.split(raw_query):
-            key, _, value = part.partition("=")
-            if unquote_plus(key).strip().lower() == "model":
-                names.add(unquote_plus(value).strip().lower())
-    if len(names) > 1:
-        raise BodyError("invalid_request", "The query string names more than one model.")
-    name = names.pop() if names else ""
-    return name or None
-
-
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse  # either end of a session
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise _DuplicateKey("duplicate key")
-    return out
-
-
 def event_models(data: str | bytes, *, binary: bool) -> tuple[str, ...] | None:
-    """The models a client event names (``session.model``, ``response.model``), trimmed and
-    lower-cased; ``None`` for a binary frame that is not JSON (relayed as it is).
+    """The models a client event names (its ``model``, ``session.model``, ``response.model``),
+    as spelled; ``None`` for a binary frame that is not JSON (relayed as it is).
 
     Raises :class:`BodyError` for a text frame that is not a JSON object, for duplicate keys
-    anywhere in an event, and for a ``model`` that is not a non-empty string.
+    anywhere in an event (another reader may keep the other one), for nesting deeper than the
+    surfaces allow, and for a ``model`` that is not a string. ``null`` or ``""`` names nothing.
     """
-    try:
-        doc = json.loads(data, object_pairs_hook=_no_duplicates)
-    except _DuplicateKey:
-        raise BodyError("invalid_request", "The event has duplicate keys.") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        if binary:
+    raw = data.encode() if isinstance(data, str) else data
+    if binary:
+        try:
+            json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return None
-        raise BodyError("invalid_request", "The event is not valid JSON.") from None
+    doc = jsonbody.loads(raw, strict=True)
     if not isinstance(doc, dict):
         if binary:
             return None
         raise BodyError("invalid_request", "The event is not a JSON object.")
     models: list[str] = []
-    for part in ("session", "response"):
-        holder = doc.get(part)
+    for where, holder in (("model", doc), ("session.model", doc.get("session"))):
         if isinstance(holder, dict) and "model" in holder:
-            model = holder["model"]
-            if not isinstance(model, str) or not model.strip():
-                raise BodyError("invalid_request", f"{part}.model must name a model.")
-            models.append(model.strip().lower())
+            name = jsonbody.model_value(holder["model"], where)
+            if name is not None:
+                models.append(name)
+    response = doc.get("response")
+    if isinstance(response, dict) and "model" in response:
+        name = jsonbody.model_value(response["model"], "response.model")
+        if name is not None:
+            models.append(name)
     return tuple(models)
 
 
@@ -332,30 +306,11 @@ class Sessions:
 
     # ------------------------------------------------------------------ the handler's hook
 
-    def model_of(self, request: web.BaseRequest) -> str | None:
-        """The model an upgrade names; a session must name one."""
-        model = query_model(request.rel_url.raw_query_string)
-        if model is None:
-            raise BodyError(
-                "invalid_request", "A WebSocket session must name its model: ?model=..."
-            )
-        return model
-
     async def relay(
-        self,
-        request: web.BaseRequest,
-        snap: Snapshot,
-        upstream_name: str,
-        url_path: str,
-        out_headers: CIMultiDict[str],
-        workspace_id: str,
-        org_id: str,
-        model: str,
-        product: str,
-        rid: str,
-        count: Callable[[str], None],
+        self, ex: Exchange, out_headers: CIMultiDict[str], count: Callable[[str], None]
     ) -> web.StreamResponse:
         """Connect upstream, upgrade the client, relay until either side closes."""
+        request, rid = ex.request, ex.rid
         if not web.WebSocketResponse().can_prepare(request).ok:
             count("invalid_request")
             return deny_response("invalid_request", rid, "Not a valid WebSocket handshake.")
@@ -363,39 +318,22 @@ class Sessions:
         if key_id is None:  # the handler identified this key a moment ago
             count("invalid_api_key")
             return deny_response("invalid_api_key", rid)
-
-        upstream = snap.config.upstreams[upstream_name]
-        timeouts = upstream.timeouts
         try:
-            async with asyncio.timeout(timeouts.connect_s + timeouts.first_byte_s):
-                upstream_ws = await self.session.ws_connect(
-                    URL(upstream.url + url_path, encoded=True),
-                    headers=_upstream_headers(out_headers),
-                    protocols=offered_protocols(request),
-                    autoping=False,
-                    autoclose=False,
-                    max_msg_size=0,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_TIMEOUT_S),
-                )
-        except TimeoutError:
-            count("upstream_timeout")
-            return deny_response("upstream_timeout", rid)
-        except aiohttp.WSServerHandshakeError as exc:
-            count("upstream_unavailable")
-            message = f"The model service refused the WebSocket upgrade ({exc.status})."
-            return deny_response("upstream_unavailable", rid, message)
-        except (aiohttp.ClientError, OSError):
-            count("upstream_unavailable")
-            return deny_response("upstream_unavailable", rid)
+            upstream_ws = await self._connect(ex, out_headers)
+        except UpstreamError as exc:
+            count(exc.code)
+            return deny_response(exc.code, rid, exc.client_message)
 
         client = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
             autoping=False,
             autoclose=False,
-            max_msg_size=snap.config.limits.max_body_bytes,
+            max_msg_size=ex.cfg.limits.max_body_bytes,
         )
         client.headers["x-request-id"] = rid
-        s = Session(key_id, workspace_id, org_id, product, model, client, upstream_ws)
+        ws = ex.facts.workspace
+        model = ex.models[0]  # the handler refuses an upgrade that names no model
+        s = Session(key_id, ws.workspace_id, ws.org_id, ex.product, model, client, upstream_ws)
         try:
             await client.prepare(request)
         except Exception:
@@ -413,6 +351,30 @@ class Sessions:
         finally:
             self._unregister(s)
         return client
+
+    async def _connect(
+        self, ex: Exchange, out_headers: CIMultiDict[str]
+    ) -> aiohttp.ClientWebSocketResponse:
+        """The upstream side of the session; ``UpstreamError`` when it cannot be opened."""
+        upstream = ex.cfg.upstreams[ex.upstream]
+        timeouts = upstream.timeouts
+        with upstream_errors():
+            try:
+                async with asyncio.timeout(timeouts.connect_s + timeouts.first_byte_s):
+                    return await self.session.ws_connect(
+                        URL(upstream.url + ex.url_path, encoded=True),
+                        headers=_upstream_headers(out_headers),
+                        protocols=offered_protocols(ex.request),
+                        autoping=False,
+                        autoclose=False,
+                        max_msg_size=0,
+                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_TIMEOUT_S),
+                    )
+            except aiohttp.WSServerHandshakeError as exc:
+                message = f"The model service refused the WebSocket upgrade ({exc.status})."
+                raise UpstreamError(
+                    "upstream_unavailable", "upgrade refused", client_message=message
+                ) from exc
 
     # ------------------------------------------------------------------ relaying
 
@@ -514,7 +476,7 @@ class Sessions:
             if code is not None:
                 await self._end_for(s, code, _event_id(data))
                 return False
-        if len(set(models)) == 1 and models[0] != s.model:
+        if len({normalize(m) for m in models}) == 1 and normalize(models[0]) != normalize(s.model):
             s.model = models[0]  # later rechecks decide the model the session now runs
         return True
 

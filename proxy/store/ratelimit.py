@@ -45,11 +45,11 @@ from proxy.background import Task, every
 from proxy.config import RateLimit
 from proxy.store.connection import Gate, RedisUnavailable
 from proxy.store.resp import RespConnection, RespError
-from proxy.store.schema import token_key
+from proxy.store.schema import REPLICAS_KEY, concurrency_key, rate_key, token_key
+from proxy.store.topology import RespRouter
 
 log = logging.getLogger(__name__)
 
-REPLICAS_KEY = "ap:replicas"
 SCRIPT = resources.files("proxy.store").joinpath("ratelimit.lua").read_text(encoding="utf-8")
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
 
@@ -59,14 +59,6 @@ _REFRESH_BATCH = 500
 # A slot refused for concurrency frees when some request ends, which no clock can tell.
 _CONCURRENCY_RETRY_S = 1.0
 _REASONS = {1: "rate", 2: "concurrency", 3: "tokens"}
-
-
-def rate_key(workspace_id: str, program: str | None) -> str:
-    return f"ap:rl:{workspace_id}:{program or '-'}"
-
-
-def concurrency_key(workspace_id: str, program: str | None) -> str:
-    return f"ap:cc:{workspace_id}:{program or '-'}"
 
 
 def _seconds(value: float) -> str:
@@ -215,12 +207,12 @@ class RateLimiter:
         lease_s: float = 30.0,
         heartbeat_s: float = 5.0,
         replica_ttl_s: float | None = None,
-        resp: RespConnection | None = None,
+        resp: RespRouter | None = None,
         token_flush_s: float = 0.1,
     ) -> None:
         self._redis = redis
         self._owns_resp = resp is None
-        self._resp = resp if resp is not None else _resp_for(redis)
+        self._resp: RespRouter | None = resp if resp is not None else _resp_for(redis)
         self._gate = gate
         self.replica_id = replica_id
         self.lease_s = lease_s
@@ -328,9 +320,17 @@ class RateLimiter:
 
     async def _flush_tokens(self) -> None:
         batch, self._spent = self._spent, {}
-        items = list(batch.items())
-        for start in range(0, len(items), _REFRESH_BATCH):
-            part = items[start : start + _REFRESH_BATCH]
+        by_group: dict[int, list[tuple[str, tuple[int, int]]]] = {}
+        for item in batch.items():
+            # One script call touches one Cluster slot.
+            group = self._resp.group(item[0]) if self._resp is not None else 0
+            by_group.setdefault(group, []).append(item)
+        parts = [
+            items[start : start + _REFRESH_BATCH]
+            for items in by_group.values()
+            for start in range(0, len(items), _REFRESH_BATCH)
+        ]
+        for part in parts:
             args = ["consume"]
             for _, (tokens, tpm) in part:
                 args += [str(tpm), str(tokens)]
@@ -405,14 +405,27 @@ class RateLimiter:
         assert batch is not None
         keys, slots, done = batch
         try:
-            await self._gate.call(
-                "rate_limit_release", partial(self._script, keys, ["release", *slots])
-            )
-        except RedisUnavailable:
-            pass  # the slots are no longer refreshed; their leases run out
+            for group_keys, group_slots in self._by_group(keys, slots):
+                # On failure the slots are no longer refreshed; their leases run out.
+                with contextlib.suppress(RedisUnavailable):
+                    await self._gate.call(
+                        "rate_limit_release",
+                        partial(self._script, group_keys, ["release", *group_slots]),
+                    )
         finally:
             done.set_result(None)
             self._flushing.discard(asyncio.current_task())
+
+    def _by_group(self, keys: list[str], values: list[str]) -> list[tuple[list[str], list[str]]]:
+        """Split (key, value) pairs so each script call touches one Cluster slot."""
+        if self._resp is None:
+            return [(keys, values)]
+        groups: dict[int, tuple[list[str], list[str]]] = {}
+        for key, value in zip(keys, values, strict=True):
+            group = groups.setdefault(self._resp.group(key), ([], []))
+            group[0].append(key)
+            group[1].append(value)
+        return list(groups.values())
 
     async def start(self) -> None:
         """Announce this replica and start the background heartbeat and lease refresh."""
@@ -454,12 +467,13 @@ class RateLimiter:
         held = list(self._held.items())
         for start in range(0, len(held), _REFRESH_BATCH):
             batch = held[start : start + _REFRESH_BATCH]
-            keys = [cc for _, cc in batch]
-            args = ["refresh", self._lease_us, *(slot for slot, _ in batch)]
-            try:
-                await self._gate.call("rate_limit_refresh", partial(self._script, keys, args))
-            except RedisUnavailable:
-                return
+            by_group = self._by_group([cc for _, cc in batch], [slot for slot, _ in batch])
+            for keys, slots in by_group:
+                args = ["refresh", self._lease_us, *slots]
+                try:
+                    await self._gate.call("rate_limit_refresh", partial(self._script, keys, args))
+                except RedisUnavailable:
+                    return
 
     async def _script(self, keys: Sequence[str], args: Sequence[str]) -> Any:
         resp = self._resp
@@ -470,8 +484,8 @@ class RateLimiter:
                 # EVAL also caches the script, so the next EVALSHA finds it.
                 return await self._redis.eval(SCRIPT, len(keys), *keys, *args)
         try:
-            return await resp.call("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            return await resp.call_for(keys[0], "EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return await resp.call("EVAL", SCRIPT, len(keys), *keys, *args)
+            return await resp.call_for(keys[0], "EVAL", SCRIPT, len(keys), *keys, *args)

@@ -9,6 +9,7 @@ fails every pending call with ``ConnectionError``; the next call connects again.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, cast
@@ -154,6 +155,7 @@ class RespConnection:
         username: str | None = None,
         password: str | None = None,
         connect_timeout_s: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -162,6 +164,7 @@ class RespConnection:
         self.username = username
         self.password = password
         self.connect_timeout_s = connect_timeout_s
+        self.tls = tls
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
 
@@ -218,6 +221,28 @@ class RespConnection:
         protocol.send(encode(args), future)
         return await future
 
+    async def call_for(self, key: str, *args: Arg) -> Any:
+        """``call``: one server holds every key (the router interface, see ``routing.py``)."""
+        return await self.call(*args)
+
+    def group(self, key: str) -> int:
+        """Keys of one group may go in one call: on one server, all of them."""
+        return 0
+
+    async def call_asking(self, *args: Arg) -> Any:
+        """``ASKING`` and the command in one write, so no other call slips between them (a
+        Cluster ``-ASK`` redirection admits only the very next command)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        loop = asyncio.get_running_loop()
+        asking: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
+        protocol.pending.append(asking)
+        protocol.send(encode(("ASKING",)) + encode(args), future)
+        await asking
+        return await future
+
     async def _connect(self) -> _Protocol:
         async with self._connecting:
             protocol = self._protocol
@@ -228,7 +253,13 @@ class RespConnection:
                 if self.path is not None:
                     _, protocol = await loop.create_unix_connection(_Protocol, self.path)
                 else:
-                    _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
+                    _, protocol = await loop.create_connection(
+                        _Protocol,
+                        self.host,
+                        self.port,
+                        ssl=self.tls,
+                        server_hostname=self.host if self.tls is not None else None,
+                    )
                 try:
                     await self._handshake(protocol)
                 except BaseException:

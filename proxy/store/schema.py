@@ -1,21 +1,32 @@
 """Redis key names and the (de)serialization of facts. One place, so the layout cannot drift.
 
-Keys (all under the ``ap:`` prefix):
-- ``ap:apikey:{key_id}`` hash: workspace_id, digest, pepper_version, name, created_at, revoked_at
-- ``ap:ws:{ws}`` hash: org_id, name, suspended, reason, created_at
-- ``ap:org:{org}`` hash: name, suspended, reason, created_at, account_representative
-- ``ap:grant:{grant_id}`` string: the grant as JSON (kept for every grant ever made)
-- ``ap:sgrants:{subject}`` hash: ``{program}|{product}`` -> JSON of the subject's current grant
-- ``ap:standing:{ws}`` hash: suspended, suspended_at
-- ``ap:flags:{ws}`` sorted set of flags (score: time)
-- ``ap:orgws:{org}`` set of the org's workspaces
-- ``ap:audit`` list of JSON entries; ``ap:audit:head`` hash: seq, hash
-- ``ap:rl:*``, ``ap:cc:*``, ``ap:replicas``: rate limits (``ratelimit.py``)
-- ``ap:usage:{ws}`` hash of usage and cost counters (``usage.py``); ``ap:usage-day:{ws}:{date}``
-  the same for one UTC day (``YYYY-MM-DD``), expiring after the configured retention
-- ``ap:tk:{ws}:{program}``: tokens spent against ``tokens_per_minute`` (``ratelimit.lua``)
-- ``ap:batchfile:{file_id}`` hash: models (JSON list), workspace, at — the models the lines of a
-  batch input file name, recorded at upload (``batchfiles.py``)
+Every key carries a hash tag (the part in braces), so the keys that one script or transaction
+touches share one Redis Cluster slot:
+
+- ``{ap}`` the audited admin state, one slot for all of it, so a change and its entry in the one
+  hash-chained audit log commit in the same MULTI/EXEC on every topology:
+  ``ap:{ap}:apikey:<key_id>`` hash (workspace_id, digest, pepper_version, name, created_at,
+  revoked_at); ``ap:{ap}:ws:<ws>`` hash (org_id, name, suspended, reason, created_at);
+  ``ap:{ap}:org:<org>`` hash (name, suspended, reason, created_at, account_representative);
+  ``ap:{ap}:grant:<grant_id>`` the grant as JSON (every grant ever made);
+  ``ap:{ap}:sgrants:<subject>`` hash ``<program>|<product>`` -> the subject's current grant;
+  ``ap:{ap}:standing:<ws>`` hash (suspended, suspended_at); ``ap:{ap}:flags:<ws>`` sorted set of
+  flags (score: time); ``ap:{ap}:orgws:<org>`` set; ``ap:{ap}:audit`` list of JSON entries and
+  ``ap:{ap}:audit:head`` hash (seq, hash); ``ap:{ap}:replicas`` live replicas (rate limits);
+  ``ap:{ap}:schema`` the layout version; ``ap:{ap}:batchfile:<file_id>`` hash (models as a JSON
+  list, workspace, at): the models the lines of a batch input file name, recorded at upload
+  (``batchfiles.py``).
+- ``{ws:<ws>}`` one workspace's traffic state, spread over the cluster by workspace:
+  ``ap:{ws:<ws>}:rl:<program>`` GCRA bucket, ``ap:{ws:<ws>}:cc:<program>`` concurrency slots
+  (``ratelimit.py``), ``ap:{ws:<ws>}:tk:<program>`` tokens spent against ``tokens_per_minute``
+  (``ratelimit.lua``), ``ap:{ws:<ws>}:usage`` usage and cost counters and
+  ``ap:{ws:<ws>}:usage-day:<YYYY-MM-DD>`` the same for one UTC day, expiring after the configured
+  retention (``usage.py``).
+Keys of the admin tag are read and written through the admin client (``topology.Topology.client``),
+keys of a workspace tag through the data client (``data_client``) or the rate limiter's.
+
+Entitlement reads are cached (SPEC §5), so the admin slot sees writes and cache misses only; the
+per-request traffic (rate limits, usage) goes to the workspace's own slot.
 Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{id}``,
 ``grants:{subject}``, ``standing:{ws}``, and ``*`` for everything.
 """
@@ -34,61 +45,79 @@ from proxy.policy.standing import Flag, Standing
 RawHash = Mapping[Any, Any]  # a hash as redis-py returns it (bytes keys and values)
 
 PREFIX = "ap:"
+ADMIN = "ap:{ap}:"  # the admin slot's hash tag
 INVALIDATION_CHANNEL = "ap:invalidate"
-AUDIT_LIST = "ap:audit"
-AUDIT_HEAD = "ap:audit:head"
-GRANT_PATTERN = "ap:grant:*"  # every grant_key
+RELOAD_CHANNEL = "ap:reload"
+AUDIT_LIST = ADMIN + "audit"
+AUDIT_HEAD = ADMIN + "audit:head"
+REPLICAS_KEY = ADMIN + "replicas"
+SCHEMA_KEY = ADMIN + "schema"
+SCHEMA_VERSION = 2  # 1: the untagged layout of single-node releases (see migrate.py)
+GRANT_PATTERN = ADMIN + "grant:*"
 FLUSH_ALL = "*"
 
 
 def apikey_key(key_id: str) -> str:
-    return f"ap:apikey:{key_id}"
+    return f"{ADMIN}apikey:{key_id}"
 
 
 def workspace_key(ws: str) -> str:
-    return f"ap:ws:{ws}"
+    return f"{ADMIN}ws:{ws}"
 
 
 def org_key(org: str) -> str:
-    return f"ap:org:{org}"
+    return f"{ADMIN}org:{org}"
 
 
 def grant_key(grant_id: str) -> str:
-    return f"ap:grant:{grant_id}"
+    return f"{ADMIN}grant:{grant_id}"
 
 
 def subject_grants_key(subject: str) -> str:
-    return f"ap:sgrants:{subject}"
+    return f"{ADMIN}sgrants:{subject}"
 
 
 def standing_key(ws: str) -> str:
-    return f"ap:standing:{ws}"
+    return f"{ADMIN}standing:{ws}"
 
 
 def flags_key(ws: str) -> str:
-    return f"ap:flags:{ws}"
+    return f"{ADMIN}flags:{ws}"
 
 
 def org_workspaces_key(org: str) -> str:
-    return f"ap:orgws:{org}"
+    return f"{ADMIN}orgws:{org}"
+
+
+def workspace_tag(ws: str) -> str:
+    """The hash tag of one workspace's traffic keys: all of them share its Cluster slot."""
+    return f"ap:{{ws:{ws}}}:"
+
+
+def rate_key(ws: str, program: str | None) -> str:
+    return f"{workspace_tag(ws)}rl:{program or '-'}"
+
+
+def concurrency_key(ws: str, program: str | None) -> str:
+    return f"{workspace_tag(ws)}cc:{program or '-'}"
 
 
 def batch_file_key(file_id: str) -> str:
-    return f"ap:batchfile:{file_id}"
+    return f"{ADMIN}batchfile:{file_id}"
 
 
 def usage_key(ws: str) -> str:
-    return f"ap:usage:{ws}"
+    return f"{workspace_tag(ws)}usage"
 
 
 def usage_day_key(ws: str, day: str) -> str:
     """Usage of one UTC day; ``day`` is ``YYYY-MM-DD`` (fixed length, so never ambiguous)."""
-    return f"ap:usage-day:{ws}:{day}"
+    return f"{workspace_tag(ws)}usage-day:{day}"
 
 
 def token_key(ws: str, program: str | None) -> str:
-    """The token bucket of a workspace and program (a GCRA arrival time, as ``ap:rl:*``)."""
-    return f"ap:tk:{ws}:{program or '-'}"
+    """The token bucket of a workspace and program (a GCRA arrival time, as the rate key)."""
+    return f"{workspace_tag(ws)}tk:{program or '-'}"
 
 
 def grant_slot(program: str, product: str) -> str:

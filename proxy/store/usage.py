@@ -1,9 +1,9 @@
 """Usage and cost totals per workspace in Redis (SPEC §10), in all and per UTC day.
 
-One hash per workspace, ``ap:usage:{ws}``, holds running totals: ``requests`` (answers whose
+One hash per workspace, ``schema.usage_key(ws)``, holds running totals: ``requests`` (answers whose
 usage was read), the tokens of each kind (``input`` is uncached input; ``cached_input``,
 ``cache_write``, ``output``) and ``cost_usd``; the same fields per model under
-``model:{model}:{field}``. One hash per workspace and UTC day, ``ap:usage-day:{ws}:{date}``,
+``model:{model}:{field}``. One hash per workspace and UTC day, ``schema.usage_day_key(ws, date)``,
 holds the same fields for that day and expires ``retention_days`` after the day ends. Writes
 only ever add (``HINCRBY`` / ``HINCRBYFLOAT``), so batches from any number of replicas add up in
 any order, and the days of a workspace add up to its total. Usage is not an access change:
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import datetime
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from proxy.store.schema import usage_day_key, usage_key
+from proxy.store.topology import AnyRedis
 
 TOKEN_KINDS = ("input", "cached_input", "cache_write", "output")
 _MODEL_PREFIX = "model:"
@@ -77,6 +78,7 @@ class UsageDelta:
 # (workspace, model or None, UTC day) -> what to add. A None model adds to the workspace totals
 # only.
 Batch = Mapping[tuple[str, str | None, str], UsageDelta]
+MutableBatch = MutableMapping[tuple[str, str | None, str], UsageDelta]
 
 
 def _view(values: Mapping[str, str]) -> dict[str, Any]:
@@ -139,24 +141,42 @@ def sum_views(views: list[dict[str, Any]]) -> dict[str, Any]:
 class UsageStore:
     """Adds usage batches to the per-workspace hashes and reads them back."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: AnyRedis) -> None:
         self.redis = redis
 
-    async def add(self, batch: Batch, retention_days: int = 400) -> None:
-        """Add every delta of ``batch`` to the totals and to its day, in one MULTI/EXEC: the
-        whole batch lands or none of it. A day's hash expires ``retention_days`` after the day."""
-        if not batch:
-            return
-        totals: dict[tuple[str, str], UsageDelta] = {}
+    async def add(self, batch: MutableBatch, retention_days: int = 400) -> None:
+        """Add every delta of ``batch`` to the totals and to its day, one MULTI/EXEC per
+        workspace: a workspace's share lands whole or not at all, and each transaction stays in
+        its workspace's Cluster slot. What landed is removed from ``batch``, so after an error it
+        holds exactly what is still to write. A day's hash expires ``retention_days`` after the
+        day."""
+        by_ws: dict[str, list[tuple[str | None, str, UsageDelta]]] = {}
+        for (ws, model, day), delta in batch.items():
+            by_ws.setdefault(ws, []).append((model, day, delta))
+        for ws, deltas in by_ws.items():
+            try:
+                await self._add_workspace(ws, deltas, retention_days)
+            except ResponseError:
+                # EXEC ran: the commands Redis did not refuse are applied; never write them twice.
+                for model, day, _ in deltas:
+                    del batch[(ws, model, day)]
+                raise
+            for model, day, _ in deltas:
+                del batch[(ws, model, day)]
+
+    async def _add_workspace(
+        self, ws: str, deltas: list[tuple[str | None, str, UsageDelta]], retention_days: int
+    ) -> None:
+        totals: dict[str, UsageDelta] = {}
         async with self.redis.pipeline(transaction=True) as pipe:
-            for (ws, model, day), delta in batch.items():
-                totals.setdefault((ws, day), UsageDelta()).merge(delta)
+            for model, day, delta in deltas:
+                totals.setdefault(day, UsageDelta()).merge(delta)
                 if model is None:
                     continue
                 prefix = f"{_MODEL_PREFIX}{model}:"
                 _add(pipe, usage_key(ws), prefix, delta)
                 _add(pipe, usage_day_key(ws, day), prefix, delta)
-            for (ws, day), total in totals.items():
+            for day, total in totals.items():
                 _add(pipe, usage_key(ws), "", total)
                 day_key = usage_day_key(ws, day)
                 _add(pipe, day_key, "", total)

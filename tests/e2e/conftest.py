@@ -32,7 +32,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 import yaml
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,6 +40,7 @@ from proxy.errors import CODES
 from proxy.identity import parse_peppers
 from proxy.policy.grants import Grant
 from proxy.redis_server import RedisServer
+from proxy.store.topology import Topology
 from proxy.store.writes import Actor, Writes
 from tests.conftest import free_port
 
@@ -351,12 +351,14 @@ class Seeder:
     """Facts written through ``Writes`` (audited, invalidation published) on the proxy's Redis."""
 
     def __init__(self, redis_url: str) -> None:
-        self.client = aioredis.Redis.from_url(redis_url)
+        self.topology = Topology(redis_url)
+        self.client = self.topology.client(None)  # the admin state, on any topology
+        self.data = self.topology.data_client(None)  # per-workspace keys (usage)
         self.writes = Writes(self.client)
         self.peppers = parse_peppers(PEPPER)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.topology.aclose()
 
     async def org(self) -> str:
         org_id = "org-" + uuid.uuid4().hex[:10]

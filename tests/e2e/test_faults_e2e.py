@@ -176,6 +176,8 @@ async def test_requests_without_an_http_version_or_http10_with_te_are_400_and_ne
     attempts = {
         "no version": b"GET /v1/models\r\nAuthorization: Bearer " + key + b"\r\n\r\n",
         "no version, bare": b"GET /v1/models/" + MODEL.encode() + b"\r\n\r\n",
+        "HTTP/2.0 in HTTP/1 text": b"GET /v1/models/" + MODEL.encode() + b" HTTP/2.0\r\n"
+        b"Host: p\r\nAuthorization: Bearer " + key + b"\r\n\r\n",
         "HTTP/1.0 with TE": b"POST /v1/chat/completions HTTP/1.0\r\nHost: p\r\n"
         b"Authorization: Bearer " + key + b"\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + chunked,
@@ -341,3 +343,41 @@ async def test_a_head_split_across_reads_within_the_timeout_is_served(
             await asyncio.sleep(HEADER_TIMEOUT_S * 1.5)  # idle keep-alive is not a slow head
     finally:
         writer.close()
+
+
+def nested_json(depth: int) -> str:
+    opens = "".join('{"k": ' if i % 2 == 0 else "[" for i in reversed(range(depth)))
+    closes = "".join("}" if i % 2 == 0 else "]" for i in range(depth))
+    return opens + '"x"' + closes
+
+
+async def test_json_nested_1000_deep_is_400_on_the_data_plane_and_never_forwarded(
+    faulty: Faulty, seed: Seeder, http: aiohttp.ClientSession
+) -> None:
+    """The issue's case: any client with a valid key got a 500 (and a logged traceback) for a
+    body nested 1,000 deep."""
+    key = await allowed_key(seed)
+    before = len(faulty.upstream.recorded())
+    bodies = {
+        "1000 deep under messages": f'{{"model": "{MODEL}", "messages": {nested_json(1000)}}}',
+        "1000 deep, model last": f'{{"x": {nested_json(1000)}, "model": "{MODEL}"}}',
+        "1000 deep array": "[" * 1000 + "]" * 1000,
+        "65 deep": f'{{"model": "{MODEL}", "messages": {nested_json(64)}}}',
+    }
+    for what, text in bodies.items():
+        for content_type in ("application/json", "text/plain"):
+            answer = await request(
+                http,
+                faulty.serve.data_url,
+                key=key,
+                data=text.encode(),
+                headers={"Content-Type": content_type},
+            )
+            error = assert_error(answer, "invalid_request")
+            assert "nest" in error["message"] or "JSON" in error["message"], (what, error)
+    assert len(faulty.upstream.recorded()) == before
+    # 64 levels in all are a body like any other.
+    ok = f'{{"model": "{MODEL}", "messages": [], "x": {nested_json(62)}}}'
+    answer = await request(http, faulty.serve.data_url, key=key, data=ok.encode())
+    assert answer.status == 200, answer.body[:300]
+    assert "Traceback" not in faulty.serve.log()

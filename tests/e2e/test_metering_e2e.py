@@ -46,11 +46,11 @@ async def test_streamed_and_plain_answers_are_metered(
     assert answer.status == 200 and b"data: [DONE]" in answer.body
 
     async def written() -> bool:
-        raw = await seed.client.hgetall(usage_key(tenant.workspace))
+        raw = await seed.data.hgetall(usage_key(tenant.workspace))
         return raw.get(b"requests") == b"2"
 
     await wait_until(written, timeout=10, message="usage written to Redis")
-    raw = await seed.client.hgetall(usage_key(tenant.workspace))
+    raw = await seed.data.hgetall(usage_key(tenant.workspace))
     assert {k: raw[k.encode()] for k in ("input", "cached_input", "cache_write", "output")} == {
         "input": b"1000",
         "cached_input": b"800",

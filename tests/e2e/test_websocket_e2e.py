@@ -479,8 +479,21 @@ _KEYS = ("model", "Model", "MODEL", " model", "model ", "%6Dodel", "mod%65l", "m
 
 
 def _spellings(name: str) -> st.SearchStrategy[str]:
+    """Spellings an upstream may read as ``name`` or as a model of its program: case, spaces
+    (encoded or not), a dated snapshot and a fine-tune."""
     return st.sampled_from(
-        [name, name.upper(), name.title(), f"%20{name}", f"{name}+", f"+{name}%09", f" {name} "]
+        [
+            name,
+            name.upper(),
+            name.title(),
+            f"%20{name}",
+            f"{name}+",
+            f"+{name}%09",
+            f" {name} ",
+            f"{name}-2026-06-24",
+            f"ft:{name}:acme:tuned:42",
+            f"FT:{name.upper()}:acme::7",
+        ]
     )
 
 

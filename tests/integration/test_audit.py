@@ -10,7 +10,7 @@ from typing import Any
 import redis.asyncio
 
 from proxy.store.audit import GENESIS, chain_hash, verify_chain
-from proxy.store.schema import AUDIT_HEAD, AUDIT_LIST
+from proxy.store.schema import AUDIT_HEAD, AUDIT_LIST, apikey_key, workspace_key
 from tests.integration.conftest import RFC3339_Z, TOKENS, Admin, run_cli
 
 ENTRY_FIELDS = {
@@ -120,7 +120,7 @@ async def test_secrets_never_reach_the_audit_log(admin: Admin) -> None:
     await admin.org("acme")
     await admin.workspace("acme-dev", "acme")
     key = await admin.key("acme-dev")
-    stored_digest: Any = await admin.redis.hget(f"ap:apikey:{key['key_id']}", "digest")
+    stored_digest: Any = await admin.redis.hget(apikey_key(key["key_id"]), "digest")
     digest = stored_digest.decode()
     stored: list[Any] = await admin.redis.lrange(AUDIT_LIST, 0, -1)
     raw = b"".join(stored).decode()
@@ -207,6 +207,6 @@ async def test_change_and_entry_share_one_multi_exec(admin: Admin, redis_url: st
         await watcher.aclose()
     names = [c.split(" ", 2)[:2] for c in commands]
     inside = names[names.index(["MULTI"]) + 1 : names.index(["EXEC"])]
-    assert ["HSET", "ap:ws:acme-dev"] in inside, commands
+    assert ["HSET", workspace_key("acme-dev")] in inside, commands
     assert ["RPUSH", AUDIT_LIST] in inside, commands
     assert ["HSET", AUDIT_HEAD] in inside, commands

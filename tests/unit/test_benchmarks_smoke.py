@@ -133,3 +133,31 @@ def test_wrk_against_nginx() -> None:
     assert result["load_generator"].startswith("wrk")
     assert result["upstream"].startswith("nginx")
     assert result["notes"] == []
+
+
+def test_streams_benchmark_relays_every_chunk_in_order() -> None:
+    """``benchmarks/streams.py`` in a tiny mode: both targets relay every stream whole and in
+    order (its exit code says so), and each figure is measured."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "streams.py"),
+            "--streams",
+            "20",
+            "--chunks",
+            "5",
+            "--chunk-delay-ms",
+            "5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert [r["target"] for r in result["results"]] == ["baseline", "access-proxy"]
+    for r in result["results"]:
+        assert (r["ok"], r["broken"]) == (20, 0), r
+        assert r["ttfb_p50_ms"] > 0 and r["cpu_us_per_chunk"] >= 0, r
