@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -28,29 +27,14 @@ redis.call('RENAME', KEYS[1], KEYS[2])
 return 1
 """
 
-# Layout 1 prefix -> the layout 2 name of the rest of the key.
-_RENAMES: dict[str, Callable[[str], str]] = {
-    "ap:apikey:": schema.apikey_key,
-    "ap:ws:": schema.workspace_key,
-    "ap:org:": schema.org_key,
-    "ap:grant:": schema.grant_key,
-    "ap:sgrants:": schema.subject_grants_key,
-    "ap:standing:": schema.standing_key,
-    "ap:flags:": schema.flags_key,
-    "ap:orgws:": schema.org_workspaces_key,
-    "ap:usage:": schema.usage_key,
-}
-_FIXED = {"ap:audit": schema.AUDIT_LIST, "ap:audit:head": schema.AUDIT_HEAD}
-_DROPPED = ("ap:rl:", "ap:cc:", "ap:replicas")
-
 
 def new_name(old: str) -> str | None:
     """The layout 2 name of a layout 1 key; None for a key that is dropped or not ours."""
     if "{" in old:
         return None
-    if old in _FIXED:
-        return _FIXED[old]
-    for prefix, name in _RENAMES.items():
+    if old in schema.LAYOUT_1_FIXED:
+        return schema.LAYOUT_1_FIXED[old]
+    for prefix, name in schema.LAYOUT_1_RENAMES.items():
         if old.startswith(prefix) and len(old) > len(prefix):
             return name(old[len(prefix) :])
     return None
@@ -63,11 +47,11 @@ async def migrate(redis: aioredis.Redis) -> dict[str, int]:
     if current is not None and int(current) >= schema.SCHEMA_VERSION:
         return counts
     rename = redis.register_script(_RENAME)
-    async for raw in redis.scan_iter(match="ap:*", count=1000):
+    async for raw in redis.scan_iter(match=schema.PREFIX + "*", count=1000):
         old = raw.decode() if isinstance(raw, bytes) else str(raw)
         if "{" in old:
             continue
-        if old.startswith(_DROPPED):
+        if old.startswith(schema.LAYOUT_1_DROPPED):
             counts["dropped"] += int(await redis.delete(old))
             continue
         target = new_name(old)

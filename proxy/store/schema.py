@@ -34,7 +34,7 @@ Cache keys (also the invalidation messages): ``key:{id}``, ``ws:{id}``, ``org:{i
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,3 +282,20 @@ def standing_from(raw: RawHash, flags: list[Any]) -> Standing:
         suspended=_s(raw, "suspended") == "1",
         suspended_at=float(suspended_at) if suspended_at else None,
     )
+
+
+# The untagged layout 1 of single-node releases, for its migration (``migrate.py``): a prefix and
+# the layout 2 name of the rest of the key; keys renamed whole; short-lived keys dropped.
+LAYOUT_1_RENAMES: dict[str, Callable[[str], str]] = {
+    "ap:apikey:": apikey_key,
+    "ap:ws:": workspace_key,
+    "ap:org:": org_key,
+    "ap:grant:": grant_key,
+    "ap:sgrants:": subject_grants_key,
+    "ap:standing:": standing_key,
+    "ap:flags:": flags_key,
+    "ap:orgws:": org_workspaces_key,
+    "ap:usage:": usage_key,
+}
+LAYOUT_1_FIXED = {"ap:audit": AUDIT_LIST, "ap:audit:head": AUDIT_HEAD}
+LAYOUT_1_DROPPED = ("ap:rl:", "ap:cc:", "ap:replicas")
