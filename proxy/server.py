@@ -99,6 +99,8 @@ class Proxy:
             self.gate,
             secrets.token_hex(6),
             resp=self.topology.resp(connect_timeout_s=1.0),
+            lease_requests=cfg.rate_limits.lease_requests,
+            lease_lifetime_s=cfg.rate_limits.lease_ms / 1000,
         )
         await self.limiter.start()
         self.flags = FlagRecorder(
