@@ -345,7 +345,7 @@ class RateLimiter:
             self._leases[rl] = lease
         size = lease_size(self.lease_requests, limit.burst, self.replicas)
         pool = lease_size(self.lease_requests, limit.concurrent, self.replicas)
-        for _ in range(3):
+        for _ in range(8):  # each turn admits, waits for a fetch, or fetches
             now = time.monotonic()
             if lease.usable(now) and lease.free and lease.tokens_ok():
                 return self._admit_from(rl, lease, size, now)
@@ -356,7 +356,7 @@ class RateLimiter:
             refused = await self._fetch(rl, lease, want, 0 if lease.free else pool)
             if refused is not None:
                 return refused
-        # The machine stalled past a lifetime between fetch and use: judge this one directly.
+        # Other requests took each lease first (or it expired unused): judge this one directly.
         return await self._acquire_once(workspace_id, program, limit)
 
     def _admit_from(self, rl: str, lease: Lease, size: int, now: float) -> LimitResult:
