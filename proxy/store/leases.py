@@ -1,7 +1,7 @@
 """What a replica holds of a shared limit between Redis calls (SPEC §5, §6): a lease of requests
 taken from the GCRA bucket, a pool of concurrency slots it has taken in Redis, and the token
-budget as last seen. Pure bookkeeping on the monotonic clock; the calls are made by
-``proxy.store.ratelimit``.
+budget as last seen (trusted only until an answer is metered here, and for ``token_flush_s``).
+Pure bookkeeping on the monotonic clock; the calls are made by ``proxy.store.ratelimit``.
 
 A lease of ``n`` requests advanced the shared TAT by ``n`` intervals when it was taken, so a
 replica never holds more than ``lease_requests`` unspent requests and all replicas together admit
@@ -38,6 +38,7 @@ class Lease:
     reset_at: float = 0.0  # monotonic time the shared bucket was full as last seen
     tokens_left: int = -1  # token budget left as last seen; -1: no token limit
     tokens_reset_at: float = 0.0
+    tokens_seen: float = 0.0  # when ``tokens_left`` was seen
     tokens_used: int = 0  # metered here since ``tokens_left`` was seen
     free: list[str] = field(default_factory=list)  # slots held in Redis, not in use
     owned: set[str] = field(default_factory=set)  # every slot of the pool, in use or not
@@ -47,8 +48,13 @@ class Lease:
     def usable(self, now: float) -> int:
         return self.units if self.expires > now else 0
 
-    def tokens_ok(self) -> bool:
-        return self.tokens_left < 0 or self.tokens_left - self.tokens_used > 0
+    def tokens_ok(self, now: float, fresh_s: float) -> bool:
+        """Whether the token budget as seen may judge a request here: no answer was metered
+        here since (its tokens must reach Redis first) and it is no older than ``fresh_s``, so
+        the budget's bound across replicas is what it is with a call per request."""
+        if self.tokens_left < 0:
+            return True
+        return not self.tokens_used and self.tokens_left > 0 and now - self.tokens_seen < fresh_s
 
     def shown_remaining(self, now: float) -> int:
         """The shared bucket as last seen minus what was admitted here since."""

@@ -347,7 +347,7 @@ class RateLimiter:
         pool = lease_size(self.lease_requests, limit.concurrent, self.replicas)
         for _ in range(8):  # each turn admits, waits for a fetch, or fetches
             now = time.monotonic()
-            if lease.usable(now) and lease.free and lease.tokens_ok():
+            if lease.usable(now) and lease.free and lease.tokens_ok(now, self.token_flush_s):
                 return self._admit_from(rl, lease, size, now)
             if lease.fetching is not None:
                 await asyncio.shield(lease.fetching)
@@ -428,6 +428,7 @@ class RateLimiter:
         if tpm and t_left >= 0:
             lease.tokens_left, lease.tokens_used = t_left, 0
             lease.tokens_reset_at = now + t_reset_us / _US
+            lease.tokens_seen = now
         lease.remaining, lease.reset_at = remaining, now + reset_us / _US
         if code != 0 and background:
             return None
