@@ -14,17 +14,24 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import accesslog, identity, metrics
+from proxy.config import Config
 from proxy.dataplane import headers as hdrs
 from proxy.dataplane.batches import upload_batch_file
-from proxy.dataplane.forward import UpstreamError, client_timeout, forward
+from proxy.dataplane.forward import (
+    ForwardResult,
+    UpstreamError,
+    client_timeout,
+    forward,
+    upstream_errors,
+)
 from proxy.dataplane.usage_stream import wants_usage_added, with_usage_asked
 from proxy.errors import CODES, DEFAULT_BODIES, error_json
 from proxy.metering import Meter
@@ -61,18 +68,7 @@ class WebSocketHook(Protocol):
     """What the handler needs for a WebSocket upgrade (``proxy.dataplane.websocket``)."""
 
     async def relay(
-        self,
-        request: web.BaseRequest,
-        snap: Snapshot,
-        upstream_name: str,
-        url_path: str,
-        out_headers: CIMultiDict[str],
-        workspace_id: str,
-        org_id: str,
-        model: str,
-        product: str,
-        rid: str,
-        count: Callable[[str], None],
+        self, ex: Exchange, out_headers: CIMultiDict[str], count: Callable[[str], None]
     ) -> web.StreamResponse: ...
 
 
@@ -142,6 +138,51 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One request on its way through the data plane, like uvicorn's per-request cycle: what it
+    arrived with, the config snapshot it is decided under (read once, at its start) and what each
+    step learned. The steps after identification take it instead of argument lists."""
+
+    request: web.BaseRequest
+    snap: Snapshot
+    rid: str
+    started: float  # perf_counter() at arrival
+    product: str
+    upstream: str  # the route's upstream
+    upstream_path: str  # the path as the upstream sees it (prefix rewritten), still encoded
+    query: str
+    facts: Facts
+    program: str = "none"  # the metrics label, once decided
+    body: bytes = b""
+    named: Named | None = None  # where the request names its models (None: unreadable body)
+    models: tuple[str, ...] = ()
+    response_headers: dict[str, str] = field(default_factory=dict)  # added to the answer
+
+    @property
+    def cfg(self) -> Config:
+        return self.snap.config
+
+    @property
+    def url_path(self) -> str:
+        """The upstream path with the client's query string, as sent upstream."""
+        query = self.request.rel_url.raw_query_string
+        return self.upstream_path + ("?" + query if query else "")
+
+    def upstream_headers(self) -> CIMultiDict[str]:
+        """The request headers for the upstream: hop-by-hop and identity claims dropped, its
+        credential and the forwarding headers added (SPEC §3.5)."""
+        request = self.request
+        return hdrs.upstream_request_headers(
+            request.headers,
+            peer=request.remote,
+            trusted_proxies=self.cfg.trusted_proxies,
+            upstream_api_key=self.snap.upstream_keys.get(self.upstream),
+            request_id=self.rid,
+            host=request.host,
+        )
+
+
 class DataPlane:
     def __init__(
         self,
@@ -207,6 +248,17 @@ class DataPlane:
             response.force_close()
         return response
 
+    def _answer(
+        self,
+        ex: Exchange,
+        code: str,
+        message: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """Count a refusal of ``ex`` and build its answer from the error table."""
+        self._count(ex.product, ex.program, code, ex.started)
+        return deny_response(code, ex.rid, message, headers)
+
     async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
         snap = self.holder.current
         cfg = snap.config
@@ -222,6 +274,9 @@ class DataPlane:
         if route is None:
             self._count("none", "none", "unknown_route", started)
             return deny_response("unknown_route", rid)
+        upstream_path = path
+        if route.rewrite_prefix is not None:
+            upstream_path = route.rewrite_prefix + path[len(route.path_prefix) :]
         product = route.product
 
         smuggling = hdrs.smuggling_error(request)
@@ -238,115 +293,53 @@ class DataPlane:
         if facts is None:
             self._count(product, "none", "invalid_api_key", started)
             return deny_response("invalid_api_key", rid)
+        ex = Exchange(
+            request, snap, rid, started, product, route.upstream, upstream_path, query, facts
+        )
+        ex.response_headers["x-request-id"] = rid
         if entry is not None:
             entry.org, entry.workspace = facts.workspace.org_id, facts.workspace.workspace_id
+        return await self._decide(ex)
 
-        upstream_path = path
-        if route.rewrite_prefix is not None:
-            upstream_path = route.rewrite_prefix + path[len(route.path_prefix) :]
-
-        websocket = self.hooks.websocket if hdrs.is_websocket_upgrade(request) else None
-        body = b""
-        named: Named | None = None
-        models: tuple[str, ...] = ()
+    async def _decide(self, ex: Exchange) -> web.StreamResponse:
+        """Rows 3 to 11: read what the request names, decide, admit, then forward or relay."""
+        websocket = self.hooks.websocket if hdrs.is_websocket_upgrade(ex.request) else None
         body_error: BodyError | None = None
         try:
-            body = await read_body(request, cfg.limits.max_body_bytes)
-            headers = request.headers
-            named = named_models(
-                request.method,
-                upstream_path,
-                query,
-                headers.getall("content-type", ()),
-                headers.getall("content-encoding", ()),
-                body,
-                cfg.limits.max_body_bytes,
-            )
-            models = named.models
-            if websocket is not None and not models:
-                raise invalid("A WebSocket session must name its model: ?model=...")
-            if named.input_file_id is not None:
-                models = await self._batch_input_models(named.input_file_id)
+            await self._read_request(ex, websocket is not None)
         except BodyError as exc:
             body_error = exc
         except BatchFilesUnavailable:
-            self._count(product, "none", "entitlement_unavailable", started)
-            return deny_response("entitlement_unavailable", rid)
+            return self._answer(ex, "entitlement_unavailable")
+        entry = accesslog.current.get()
         if entry is not None:
-            entry.model = models[0] if models else None
+            entry.model = ex.models[0] if ex.models else None
 
-        decision = decide_models(
-            facts,
-            cfg,
-            product,
-            models,
-            time.time(),
-            body_error.code if body_error else None,
-            body_error.message if body_error else None,
-        )
-        self._decision.observe(time.perf_counter() - started)
-        program = decision.program.name if decision.program is not None else "none"
+        error = (body_error.code, body_error.message) if body_error else (None, None)
+        decision = decide_models(ex.facts, ex.cfg, ex.product, ex.models, time.time(), *error)
+        self._decision.observe(time.perf_counter() - ex.started)
+        ex.program = decision.program.name if decision.program is not None else "none"
         for rule in decision.shadow_rules:
             metrics.SHADOW_DECISIONS.labels(rule).inc()
         if decision.code is not None:
-            self._count(product, program, decision.code, started)
             extra = None
             if decision.retry_after is not None:
                 extra = {"retry-after": str(int(decision.retry_after))}
-            message = (
-                body_error.message if body_error and decision.code == body_error.code else None
-            )
-            return deny_response(decision.code, rid, message, extra)
+            message = body_error.message if body_error and decision.code == error[0] else None
+            return self._answer(ex, decision.code, message, extra)
 
-        assert named is not None  # a body error was refused above
-        response_headers: dict[str, str] = {"x-request-id": rid}
         admission = ADMITTED
         if self.hooks.admit is not None:
-            admission = await self.hooks.admit(snap, facts, decision, body, rid)
+            admission = await self.hooks.admit(ex.snap, ex.facts, decision, ex.body, ex.rid)
             if admission.refused is not None:
-                self._count(product, program, admission.refused_code or "refused", started)
+                self._count(ex.product, ex.program, admission.refused_code or "refused", ex.started)
                 return admission.refused
             if admission.headers:
-                response_headers.update(admission.headers)
-        # After the classifier, which saw the client's body as sent. A compressed body is sent
-        # on rewritten and uncompressed (its Content-Encoding dropped in _forward).
-        hide_usage = False
-        if self.meter is not None and wants_usage_added(request.method, upstream_path, named.doc):
-            asked = with_usage_asked(body, named.doc, reserialize=named.encoded)
-            if asked is not None:
-                body, hide_usage = asked, True
+                ex.response_headers.update(admission.headers)
         try:
             if websocket is not None:
-                return await self._relay_websocket(
-                    websocket,
-                    request,
-                    snap,
-                    route.upstream,
-                    upstream_path,
-                    rid,
-                    facts,
-                    models[0] if models else None,
-                    product,
-                    program,
-                    started,
-                )
-            return await self._forward(
-                request,
-                snap,
-                route.upstream,
-                upstream_path,
-                body,
-                rid,
-                response_headers,
-                facts,
-                named,
-                product,
-                program,
-                started,
-                hide_usage,
-                hide_usage and named.encoded,
-                admission.on_tokens,
-            )
+                return await self._relay_websocket(ex, websocket)
+            return await self._forward(ex, admission.on_tokens)
         finally:
             if admission.release is not None:
                 # In the background: the answer is not held back for it, and a client
@@ -354,6 +347,27 @@ class DataPlane:
                 task = asyncio.ensure_future(admission.release())
                 self._releases.add(task)
                 task.add_done_callback(self._releases.discard)
+
+    async def _read_request(self, ex: Exchange, websocket: bool) -> None:
+        """Row 4: the body and every model the request names (``BodyError`` when unreadable)."""
+        limit = ex.cfg.limits.max_body_bytes
+        request = ex.request
+        ex.body = await read_body(request, limit)
+        headers = request.headers
+        ex.named = named_models(
+            request.method,
+            ex.upstream_path,
+            ex.query,
+            headers.getall("content-type", ()),
+            headers.getall("content-encoding", ()),
+            ex.body,
+            limit,
+        )
+        ex.models = ex.named.models
+        if websocket and not ex.models:
+            raise invalid("A WebSocket session must name its model: ?model=...")
+        if ex.named.input_file_id is not None:
+            ex.models = await self._batch_input_models(ex.named.input_file_id)
 
     async def _batch_input_models(self, file_id: str) -> tuple[str, ...]:
         """The models recorded for a batch's input file; a file never seen → 400."""
@@ -367,7 +381,7 @@ class DataPlane:
             )
         return recorded
 
-    async def _identify(self, request: web.BaseRequest, cfg: Any) -> Facts | None:
+    async def _identify(self, request: web.BaseRequest, cfg: Config) -> Facts | None:
         key = presented_key(request)
         if not key:
             return None
@@ -390,144 +404,74 @@ class DataPlane:
             self._verified[key_id] = hash(key)
         return await self.entitlements.facts_for(rec.workspace_id, cfg.cache)
 
-    async def _relay_websocket(
-        self,
-        websocket: WebSocketHook,
-        request: web.BaseRequest,
-        snap: Snapshot,
-        upstream_name: str,
-        upstream_path: str,
-        rid: str,
-        facts: Facts,
-        model: str | None,
-        product: str,
-        program: str,
-        started: float,
-    ) -> web.StreamResponse:
+    async def _relay_websocket(self, ex: Exchange, websocket: WebSocketHook) -> web.StreamResponse:
         """An allowed upgrade: the session runs (holding its slot) until either side closes."""
-        assert model is not None  # an upgrade that names no model is refused
-        query = request.rel_url.raw_query_string
-        out_headers = hdrs.upstream_request_headers(
-            request.headers,
-            peer=request.remote,
-            trusted_proxies=snap.config.trusted_proxies,
-            upstream_api_key=snap.upstream_keys.get(upstream_name),
-            request_id=rid,
-            host=request.host,
-        )
         return await websocket.relay(
-            request,
-            snap,
-            upstream_name,
-            upstream_path + ("?" + query if query else ""),
-            out_headers,
-            facts.workspace.workspace_id,
-            facts.workspace.org_id,
-            model,
-            product,
-            rid,
-            lambda code: self._count(product, program, code, started),
+            ex,
+            ex.upstream_headers(),
+            lambda code: self._count(ex.product, ex.program, code, ex.started),
         )
 
     async def _forward(
-        self,
-        request: web.BaseRequest,
-        snap: Snapshot,
-        upstream_name: str,
-        upstream_path: str,
-        body: bytes,
-        rid: str,
-        response_headers: dict[str, str],
-        facts: Facts,
-        named: Named,
-        product: str,
-        program: str,
-        started: float,
-        hide_usage: bool,
-        body_decoded: bool,
-        on_tokens: Callable[[int], None] | None,
+        self, ex: Exchange, on_tokens: Callable[[int], None] | None
     ) -> web.StreamResponse:
-        cfg = snap.config
-        upstream = cfg.upstreams[upstream_name]
-        query = request.rel_url.raw_query_string
-        url_path = upstream_path + ("?" + query if query else "")
-        out_headers = hdrs.upstream_request_headers(
-            request.headers,
-            peer=request.remote,
-            trusted_proxies=cfg.trusted_proxies,
-            upstream_api_key=snap.upstream_keys.get(upstream_name),
-            request_id=rid,
-            host=request.host,
-        )
-        if body_decoded:
+        named = ex.named
+        assert named is not None  # a body error was refused before
+        # After the classifier, which saw the client's body as sent. A compressed body is sent
+        # on rewritten and uncompressed (its Content-Encoding dropped below).
+        hide_usage = False
+        method = ex.request.method
+        if self.meter is not None and wants_usage_added(method, ex.upstream_path, named.doc):
+            asked = with_usage_asked(ex.body, named.doc, reserialize=named.encoded)
+            if asked is not None:
+                ex.body, hide_usage = asked, True
+        out_headers = ex.upstream_headers()
+        if hide_usage and named.encoded:
             out_headers.popall("Content-Encoding", None)
         if named.endpoint.kind == "model_list":
-            return await self._models(
-                snap, upstream_name, url_path, out_headers, facts, product, rid, started
-            )
-
+            return await self._models(ex, out_headers)
         if named.batch_file and self.batch_files is not None:
-            try:
-                response = await upload_batch_file(
-                    method=request.method,
-                    session=self.session,
-                    upstream=upstream,
-                    url_path=url_path,
-                    body=body,
-                    headers=out_headers,
-                    extra_response_headers=response_headers,
-                    strip_response_headers=snap.strip_response_headers,
-                    store=self.batch_files,
-                    models=named.models,
-                    workspace=facts.workspace.workspace_id,
-                )
-            except UpstreamError as exc:
-                self._count(product, program, exc.code, started)
-                return deny_response(exc.code, rid)
-            except BatchFilesUnavailable:
-                self._count(product, program, "entitlement_unavailable", started)
-                return deny_response(
-                    "entitlement_unavailable",
-                    rid,
-                    "The batch file was uploaded but could not be recorded; upload it again.",
-                )
-            self._count(product, program, "ok", started)
-            return response
+            return await self._upload_batch_file(ex, out_headers, self.batch_files)
 
         on_headers: Callable[[CIMultiDictProxy[str]], None] | None = None
         if self.hooks.on_upstream_headers is not None:
-            hook = self.hooks.on_upstream_headers
+            hook, snap, facts = self.hooks.on_upstream_headers, ex.snap, ex.facts
 
             def on_headers(h: CIMultiDictProxy[str]) -> None:
                 hook(snap, facts, h)
 
         try:
             result = await forward(
-                request,
+                ex.request,
                 session=self.session,
-                upstream=upstream,
-                url_path=url_path,
-                body=body,
+                upstream=ex.cfg.upstreams[ex.upstream],
+                url_path=ex.url_path,
+                body=ex.body,
                 headers=out_headers,
-                extra_response_headers=response_headers,
-                strip_response_headers=snap.strip_response_headers,
+                extra_response_headers=ex.response_headers,
+                strip_response_headers=ex.snap.strip_response_headers,
                 on_upstream_headers=on_headers,
                 hide_usage=hide_usage,
             )
         except asyncio.CancelledError:
             # The client went away (aiohttp cancels the handler): the request had gone upstream.
             if self.meter is not None:
-                self.meter.unmetered(program, "incomplete")
+                self.meter.unmetered(ex.program, "incomplete")
             raise
         except UpstreamError as exc:
             if exc.answered and self.meter is not None:
-                self.meter.unmetered(program, "incomplete")
-            self._count(product, program, exc.code, started)
-            return deny_response(exc.code, rid)
-        model = named.models[0] if named.models else None
-        ttfb = self._ttfb.get(upstream_name)
+                self.meter.unmetered(ex.program, "incomplete")
+            return self._answer(ex, exc.code)
+        self._answered(ex, result, on_tokens)
+        return result.response
+
+    def _answered(
+        self, ex: Exchange, result: ForwardResult, on_tokens: Callable[[int], None] | None
+    ) -> None:
+        """Account for a forwarded answer: its time to first byte, its usage and its count."""
+        ttfb = self._ttfb.get(ex.upstream)
         if ttfb is None:
-            ttfb = self._ttfb[upstream_name] = metrics.spread(metrics.UPSTREAM_TTFB, upstream_name)
+            ttfb = self._ttfb[ex.upstream] = metrics.spread(metrics.UPSTREAM_TTFB, ex.upstream)
         ttfb.observe(result.ttfb_seconds)
         entry = accesslog.current.get()
         if entry is not None:
@@ -535,57 +479,74 @@ class DataPlane:
         if self.meter is not None:
             # No I/O here: the write to Redis is queued; the client's bytes are already out
             # (a small body goes out when this returns, after one JSON parse).
-            usage = self.meter.record(
-                facts.workspace.workspace_id, program, product, model, result, cfg.pricing
-            )
+            model = ex.models[0] if ex.models else None
+            ws = ex.facts.workspace.workspace_id
+            pricing = ex.cfg.pricing
+            usage = self.meter.record(ws, ex.program, ex.product, model, result, pricing)
             if usage is not None and on_tokens is not None:
                 on_tokens(usage.prompt + usage.output)
             if usage is not None and entry is not None:
                 entry.tokens = dict(usage.kinds())
-        self._count(product, program, "ok", started)
-        return result.response
+        self._count(ex.product, ex.program, "ok", ex.started)
 
-    async def _models(
-        self,
-        snap: Snapshot,
-        upstream_name: str,
-        url_path: str,
-        out_headers: Any,
-        facts: Facts,
-        product: str,
-        rid: str,
-        started: float,
+    async def _upload_batch_file(
+        self, ex: Exchange, out_headers: CIMultiDict[str], store: BatchFiles
     ) -> web.StreamResponse:
-        """GET /v1/models: the upstream's list filtered to what the caller may use now."""
-        cfg = snap.config
-        upstream = cfg.upstreams[upstream_name]
+        """A batch input file: forwarded, and its models recorded for the batch that names it."""
+        assert ex.named is not None
         try:
-            async with self.session.get(
-                upstream.url + url_path,
+            response = await upload_batch_file(
+                method=ex.request.method,
+                session=self.session,
+                upstream=ex.cfg.upstreams[ex.upstream],
+                url_path=ex.url_path,
+                body=ex.body,
                 headers=out_headers,
-                timeout=client_timeout(upstream.timeouts),
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-            entry = accesslog.current.get()
-            if entry is not None:
-                entry.upstream_status = status
-        except TimeoutError:
-            self._count(product, "none", "upstream_timeout", started)
-            return deny_response("upstream_timeout", rid)
-        except aiohttp.ClientError:
-            self._count(product, "none", "upstream_unavailable", started)
-            return deny_response("upstream_unavailable", rid)
+                extra_response_headers=ex.response_headers,
+                strip_response_headers=ex.snap.strip_response_headers,
+                store=store,
+                models=ex.named.models,
+                workspace=ex.facts.workspace.workspace_id,
+            )
+        except UpstreamError as exc:
+            return self._answer(ex, exc.code)
+        except BatchFilesUnavailable:
+            return self._answer(
+                ex,
+                "entitlement_unavailable",
+                "The batch file was uploaded but could not be recorded; upload it again.",
+            )
+        self._count(ex.product, ex.program, "ok", ex.started)
+        return response
+
+    async def _models(self, ex: Exchange, out_headers: CIMultiDict[str]) -> web.StreamResponse:
+        """GET /v1/models: the upstream's list filtered to what the caller may use now."""
+        cfg = ex.cfg
+        upstream = cfg.upstreams[ex.upstream]
+        ex.program = "none"
+        try:
+            with upstream_errors():
+                async with self.session.get(
+                    upstream.url + ex.url_path,
+                    headers=out_headers,
+                    timeout=client_timeout(upstream.timeouts),
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+        except UpstreamError as exc:
+            return self._answer(ex, exc.code)
+        entry = accesslog.current.get()
+        if entry is not None:
+            entry.upstream_status = status
         if status != 200:
-            self._count(product, "none", "ok", started)
-            return web.Response(status=status, body=raw, headers={"x-request-id": rid})
+            self._count(ex.product, "none", "ok", ex.started)
+            return web.Response(status=status, body=raw, headers={"x-request-id": ex.rid})
         try:
             doc = json.loads(raw)
             items = doc["data"]
         except (ValueError, KeyError, TypeError):
-            self._count(product, "none", "upstream_unavailable", started)
-            return deny_response("upstream_unavailable", rid, "The model list is not valid JSON.")
-        now = time.time()
+            return self._answer(ex, "upstream_unavailable", "The model list is not valid JSON.")
+        now, product, facts = time.time(), ex.product, ex.facts
         doc["data"] = [
             item
             for item in items
@@ -593,9 +554,9 @@ class DataPlane:
             and isinstance(item.get("id"), str)
             and decide(facts, cfg, RequestInfo(product, item["id"]), now).allowed
         ]
-        self._count(product, "none", "ok", started)
+        self._count(product, "none", "ok", ex.started)
         return web.Response(
             status=200,
             body=json.dumps(doc).encode(),
-            headers={"x-request-id": rid, "content-type": _JSON},
+            headers={"x-request-id": ex.rid, "content-type": _JSON},
         )

@@ -43,11 +43,12 @@ from proxy import identity, metrics
 from proxy.background import Task, every
 from proxy.config import CacheConfig
 from proxy.dataplane import headers as hdrs
-from proxy.dataplane.app import deny_response, presented_key
+from proxy.dataplane.app import Exchange, deny_response, presented_key
+from proxy.dataplane.forward import UpstreamError, upstream_errors
 from proxy.errors import error_payload
 from proxy.modelnames import normalize
 from proxy.policy import RequestInfo, decide
-from proxy.snapshot import Holder, Snapshot
+from proxy.snapshot import Holder
 from proxy.store import schema
 from proxy.store.cache import EntitlementUnavailable
 from proxy.store.entitlements import Entitlements
@@ -306,20 +307,10 @@ class Sessions:
     # ------------------------------------------------------------------ the handler's hook
 
     async def relay(
-        self,
-        request: web.BaseRequest,
-        snap: Snapshot,
-        upstream_name: str,
-        url_path: str,
-        out_headers: CIMultiDict[str],
-        workspace_id: str,
-        org_id: str,
-        model: str,
-        product: str,
-        rid: str,
-        count: Callable[[str], None],
+        self, ex: Exchange, out_headers: CIMultiDict[str], count: Callable[[str], None]
     ) -> web.StreamResponse:
         """Connect upstream, upgrade the client, relay until either side closes."""
+        request, rid = ex.request, ex.rid
         if not web.WebSocketResponse().can_prepare(request).ok:
             count("invalid_request")
             return deny_response("invalid_request", rid, "Not a valid WebSocket handshake.")
@@ -327,39 +318,22 @@ class Sessions:
         if key_id is None:  # the handler identified this key a moment ago
             count("invalid_api_key")
             return deny_response("invalid_api_key", rid)
-
-        upstream = snap.config.upstreams[upstream_name]
-        timeouts = upstream.timeouts
         try:
-            async with asyncio.timeout(timeouts.connect_s + timeouts.first_byte_s):
-                upstream_ws = await self.session.ws_connect(
-                    URL(upstream.url + url_path, encoded=True),
-                    headers=_upstream_headers(out_headers),
-                    protocols=offered_protocols(request),
-                    autoping=False,
-                    autoclose=False,
-                    max_msg_size=0,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_TIMEOUT_S),
-                )
-        except TimeoutError:
-            count("upstream_timeout")
-            return deny_response("upstream_timeout", rid)
-        except aiohttp.WSServerHandshakeError as exc:
-            count("upstream_unavailable")
-            message = f"The model service refused the WebSocket upgrade ({exc.status})."
-            return deny_response("upstream_unavailable", rid, message)
-        except (aiohttp.ClientError, OSError):
-            count("upstream_unavailable")
-            return deny_response("upstream_unavailable", rid)
+            upstream_ws = await self._connect(ex, out_headers)
+        except UpstreamError as exc:
+            count(exc.code)
+            return deny_response(exc.code, rid, exc.client_message)
 
         client = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
             autoping=False,
             autoclose=False,
-            max_msg_size=snap.config.limits.max_body_bytes,
+            max_msg_size=ex.cfg.limits.max_body_bytes,
         )
         client.headers["x-request-id"] = rid
-        s = Session(key_id, workspace_id, org_id, product, model, client, upstream_ws)
+        ws = ex.facts.workspace
+        model = ex.models[0]  # the handler refuses an upgrade that names no model
+        s = Session(key_id, ws.workspace_id, ws.org_id, ex.product, model, client, upstream_ws)
         try:
             await client.prepare(request)
         except Exception:
@@ -377,6 +351,30 @@ class Sessions:
         finally:
             self._unregister(s)
         return client
+
+    async def _connect(
+        self, ex: Exchange, out_headers: CIMultiDict[str]
+    ) -> aiohttp.ClientWebSocketResponse:
+        """The upstream side of the session; ``UpstreamError`` when it cannot be opened."""
+        upstream = ex.cfg.upstreams[ex.upstream]
+        timeouts = upstream.timeouts
+        with upstream_errors():
+            try:
+                async with asyncio.timeout(timeouts.connect_s + timeouts.first_byte_s):
+                    return await self.session.ws_connect(
+                        URL(upstream.url + ex.url_path, encoded=True),
+                        headers=_upstream_headers(out_headers),
+                        protocols=offered_protocols(ex.request),
+                        autoping=False,
+                        autoclose=False,
+                        max_msg_size=0,
+                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_TIMEOUT_S),
+                    )
+            except aiohttp.WSServerHandshakeError as exc:
+                message = f"The model service refused the WebSocket upgrade ({exc.status})."
+                raise UpstreamError(
+                    "upstream_unavailable", "upgrade refused", client_message=message
+                ) from exc
 
     # ------------------------------------------------------------------ relaying
 

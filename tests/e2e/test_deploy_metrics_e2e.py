@@ -12,9 +12,6 @@ import aiohttp
 from tests.deploy_refs import KNOWN, SPEC_9, TARGET_LABELS, referenced_families
 from tests.e2e.conftest import Seeder, Stack, assert_allowed, request
 
-# SPEC §9 metrics whose code had not landed when this test was written. Only the absence of these
-# is tolerated; each one present must still have the right type and labels.
-NOT_YET_EXPORTED: frozenset[str] = frozenset()
 _TYPE_LINE = re.compile(r"^# TYPE (\S+) (\S+)$", re.MULTILINE)
 _SAMPLE = re.compile(r"^(access_proxy_[a-z0-9_]+)(?:\{([^}]*)\})? ", re.MULTILINE)
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="')
@@ -44,7 +41,7 @@ async def test_dashboard_and_rules_read_metrics_that_exist(
 
     wanted = referenced_families() | set(SPEC_9)
     missing = wanted - set(types)
-    assert missing <= NOT_YET_EXPORTED, f"named by deploy/ or SPEC §9, absent: {missing}"
+    assert not missing, f"named by deploy/ or SPEC §9, absent from /metrics: {missing}"
     for family in wanted & set(types):
         assert types[family] == KNOWN[family].kind, (family, types[family])
         extra = labels.get(family, set()) - KNOWN[family].labels - {"le"} - TARGET_LABELS
