@@ -28,9 +28,10 @@ import yaml
 
 from proxy import config as config_mod
 from proxy import env, eventloop, startup
+from proxy.logsetup import configure_logging
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
-from proxy.server import build_proxy, configure_logging
+from proxy.server import build_proxy
 
 DEMO_CONFIG = "demo.yaml"
 ACCESS_LOG = "access.log"

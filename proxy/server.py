@@ -1,9 +1,7 @@
-"""Process lifecycle for ``access-proxy serve``: Redis (embedded or external), the data and admin
-listeners, the invalidation subscriber, signals, graceful drain, and ``--workers N``.
-
-With ``--workers N`` a supervisor starts the embedded Redis (if any) and N worker processes that
-share the data and admin ports with SO_REUSEPORT; Prometheus metrics then live in a shared
-multiprocess directory and any worker's ``/metrics`` shows the merged view.
+"""``access-proxy serve``: wire one serving process (``Proxy``: Redis clients, the fact cache,
+the data plane and its hooks, the reloader, the data and admin listeners), start it, and drain
+it on SIGTERM. Health and metrics routes are in ``health``, the ``--workers N`` supervisor in
+``supervisor``, logging in ``logsetup``, the one-line start-up failures in ``startup``.
 """
 
 from __future__ import annotations
@@ -13,15 +11,12 @@ import contextlib
 import logging
 import secrets
 import signal
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import config as config_mod
 from proxy import env, eventloop, identity, metrics, startup
@@ -35,6 +30,8 @@ from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
 from proxy.dataplane.protocol import DataServer
 from proxy.dataplane.websocket import Sessions
+from proxy.health import Health
+from proxy.logsetup import configure_logging
 from proxy.metering import Meter
 from proxy.redis_server import RedisServer
 from proxy.reload import Reloader
@@ -46,20 +43,19 @@ from proxy.store.entitlements import Entitlements
 from proxy.store.invalidation import Subscriber
 from proxy.store.migrate import migrate_when_reachable
 from proxy.store.ratelimit import RateLimiter
-from proxy.store.topology import Topology
+from proxy.store.topology import AnyRedis, Topology
 from proxy.store.usage import UsageStore
 from proxy.store.writes import Writes
+from proxy.supervisor import embedded_redis, supervise
 
 log = logging.getLogger("access_proxy")
 
 
-def embedded_redis(cfg: Config) -> RedisServer:
-    return RedisServer(Path(cfg.state_dir) / "redis", persistent=True)
-
-
 @dataclass
 class Proxy:
-    """One serving process: everything wired, started by ``start`` and drained by ``stop``."""
+    """One serving process: everything wired, started by ``start`` and drained by ``stop``.
+
+    The fields after ``draining`` exist once ``start`` has run."""
 
     holder: Holder
     redis_url: str
@@ -70,21 +66,59 @@ class Proxy:
     data_port: int | None = None
     admin_port: int | None = None
     draining: bool = False
+    # Redis: the clients of each use, and the schema migration of a single-node layout.
+    topology: Topology = field(init=False, repr=False)
+    fast_redis: aioredis.Redis = field(init=False, repr=False)  # hot path: short deadline
+    admin_redis: aioredis.Redis = field(init=False, repr=False)  # audited writes, admin reads
+    sub_redis: aioredis.Redis = field(init=False, repr=False)  # pub/sub: no deadline
+    data_redis: AnyRedis = field(init=False, repr=False)  # usage counters, per workspace
+    migration: asyncio.Task[None] | None = field(init=False, repr=False, default=None)
+    # Facts, their cache and the writes that change them.
+    cache: FactCache[Any] = field(init=False, repr=False)
+    gate: Gate = field(init=False, repr=False)
+    entitlements: Entitlements = field(init=False, repr=False)
+    writes: Writes = field(init=False, repr=False)
+    subscriber: Subscriber = field(init=False, repr=False)
+    # The data plane and what plugs into it.
+    limiter: RateLimiter = field(init=False, repr=False)
+    flags: FlagRecorder = field(init=False, repr=False)
+    session: aiohttp.ClientSession = field(init=False, repr=False)
+    sessions: Sessions = field(init=False, repr=False)
+    reloader: Reloader | None = field(init=False, repr=False, default=None)
+    meter: Meter = field(init=False, repr=False)
+    access_log: AccessLog = field(init=False, repr=False)
+    dataplane: DataPlane = field(init=False, repr=False)
+    inflight: Task = field(init=False, repr=False)
+    # The listeners.
+    health: Health = field(init=False, repr=False)
+    data_runner: web.ServerRunner = field(init=False, repr=False)
+    admin_runner: web.AppRunner = field(init=False, repr=False)
 
     async def start(self) -> None:
         cfg = self.holder.current.config
+        await self._connect(cfg)
+        self._stores(cfg)
+        await self._data_plane()
+        await self._listen(cfg)
+        metrics.CONFIG_INFO.labels(cfg.version).set(1)
+
+    async def _connect(self, cfg: Config) -> None:
+        """Redis clients for each use; a single-node layout is migrated before serving when
+        Redis answers, else as soon as it does."""
         self.topology = Topology(self.redis_url)
         self.fast_redis = self.topology.client(cfg.redis.timeout_ms / 1000)
         self.admin_redis = self.topology.client(5.0, reconnect=True)
         self.sub_redis = self.topology.client(None)
         self.data_redis = self.topology.data_client(5.0)
-        self.migration: asyncio.Task[None] | None = None
         if self.topology.kind != "cluster":
-            # Before serving when Redis answers; else as soon as it does.
             self.migration = asyncio.create_task(migrate_when_reachable(self.admin_redis))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.migration), 2.0)
-        self.cache: FactCache[Any] = FactCache(cfg.cache.max_entries)
+
+    def _stores(self, cfg: Config) -> None:
+        """The fact cache behind the deadline and breaker, the writes, and the subscription
+        that evicts what other replicas change."""
+        self.cache = FactCache(cfg.cache.max_entries)
         self.gate = Gate.of(cfg.redis)
         self.entitlements = Entitlements(self.fast_redis, self.gate, self.cache)
         self.writes = Writes(self.admin_redis)
@@ -94,6 +128,10 @@ class Proxy:
             self.sub_redis, self.cache, on_reconnect=self.gate.breaker.retry_now
         )
         self.subscriber.start()
+
+    async def _data_plane(self) -> None:
+        """The handler and its hooks: rate limits, safety flags, WebSocket sessions, metering,
+        the access log, and the config reloader."""
         self.limiter = RateLimiter(
             self.fast_redis,
             self.gate,
@@ -103,10 +141,9 @@ class Proxy:
             lease_lifetime_s=cfg.rate_limits.lease_ms / 1000,
         )
         await self.limiter.start()
+        live = self.holder
         self.flags = FlagRecorder(
-            self.writes,
-            lambda: self.holder.current.config.misuse,
-            lambda: self.holder.current.config.version,
+            self.writes, lambda: live.current.config.misuse, lambda: live.current.config.version
         )
         self.flags.start()
         self.session = make_session()
@@ -114,21 +151,19 @@ class Proxy:
         self.sessions = Sessions(self.holder, self.entitlements, self.session)
         self.subscriber.listeners.append(self.sessions.facts_evicted)
         self.sessions.start()
-        self.reloader: Reloader | None = None
         if self.config_path is not None:
             self.reloader = Reloader(
                 self.holder, self.config_path, redis=self.sub_redis, on_swap=self._config_swapped
             )
             await self.reloader.start()
-        admitter = Admitter(self.session, self.limiter)
         hooks = Hooks(
-            admit=admitter.admit,
+            admit=Admitter(self.session, self.limiter).admit,
             on_upstream_headers=self.flags.on_upstream_headers,
             websocket=self.sessions,
         )
         self.meter = Meter(
             UsageStore(self.data_redis),
-            retention_days=lambda: self.holder.current.config.usage.retention_days,
+            retention_days=lambda: live.current.config.usage.retention_days,
         )
         self.meter.start()
         self.access_log = AccessLog()
@@ -152,6 +187,8 @@ class Proxy:
         if copy is not None:
             self.inflight.start()
 
+    async def _listen(self, cfg: Config) -> None:
+        """Bind the data and the admin listener (health and metrics beside the admin API)."""
         # No access log on the data listener: no per-request logging on the hot path.
         server = DataServer(
             self.dataplane.handle,
@@ -161,6 +198,9 @@ class Proxy:
         )
         self.data_runner = web.ServerRunner(
             server, shutdown_timeout=cfg.shutdown_grace_s, handle_signals=False
+        )
+        self.health = Health(
+            self.holder, self.admin_redis, self.subscriber.connected, lambda: self.draining
         )
         self.admin_runner = web.AppRunner(
             self._admin_app(), shutdown_timeout=5.0, handle_signals=False, access_log=None
@@ -184,7 +224,6 @@ class Proxy:
         )
         self.data_port = _bound_port(self.data_runner)
         self.admin_port = _bound_port(self.admin_runner)
-        metrics.CONFIG_INFO.labels(cfg.version).set(1)
 
     def _client_timeouts(self) -> tuple[float, float]:
         """The slow-client limits for a new connection, from the live config."""
@@ -214,39 +253,11 @@ class Proxy:
     def _admin_app(self) -> web.Application:
         usage = UsageStore(self.data_redis)
         app = admin_app(AdminContext(self.holder, self.writes, self.peppers, self._reload, usage))
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
+        self.health.add_routes(app)
         return app
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     async def redis_ok(self) -> bool:
-        try:
-            async with asyncio.timeout(0.5):
-                return bool(await self.admin_redis.ping())
-        except Exception:
-            return False
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        version = self.holder.current.config.version
-        redis_ok = await self.redis_ok()
-        ready = redis_ok and not self.draining
-        body = {
-            "status": "ready" if ready else "not_ready",
-            "config_version": version,
-            "redis": "ok" if redis_ok else "unreachable",
-            "invalidation": "subscribed" if self.subscriber.connected.is_set() else "down",
-            "draining": self.draining,
-            "event_loop": eventloop.running(),
-        }
-        return web.json_response(body, status=200 if ready else 503)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=metrics.exposition(), headers={"content-type": CONTENT_TYPE_LATEST}
-        )
+        return await self.health.redis_ok()
 
     async def stop(self) -> None:
         """Turn /readyz to 503, stop accepting, drain in-flight requests (up to the grace)."""
@@ -344,77 +355,6 @@ async def serve(cfg: Config, *, worker: bool = False) -> int:
     if proxy.embedded is not None:
         await proxy.embedded.stop()
     return 0
-
-
-def supervise(cfg: Config, config_path: str, workers: int) -> int:
-    """Run ``workers`` serve processes on shared ports; forward signals; stop Redis last."""
-    redis: RedisServer | None = None
-    url = config_mod.redis_url(cfg)
-    embedded = url == "embedded"
-    if embedded:
-        startup.state_dir(cfg.state_dir)
-    startup.access_log_path(cfg.access_log)
-    startup.peppers(cfg, cfg.state_dir if embedded else None)
-    # The workers bind with SO_REUSEPORT, which would share a port another process holds.
-    startup.port_free("data listener", "listen.port", cfg.listen.host, cfg.listen.port)
-    startup.port_free(
-        "admin listener", "admin.listen.port", cfg.admin.listen.host, cfg.admin.listen.port
-    )
-    if embedded:
-        redis = embedded_redis(cfg)
-        startup.start_embedded_sync(redis)
-    else:
-        asyncio.run(startup.redis_reachable(url))
-    multiproc = tempfile.mkdtemp(prefix="access-proxy-metrics-")
-    worker_env = env.worker_environment(redis.url if redis is not None else None, multiproc)
-    cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", config_path, "--workers", "1"]
-    procs: list[subprocess.Popen[bytes]] = []
-    stop_signals: list[int] = []
-
-    def forward(sig: int, _frame: Any) -> None:
-        if sig not in (signal.SIGHUP, signal.SIGUSR1):
-            stop_signals.append(sig)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(sig)
-
-    # Handlers first: a signal that arrives while the workers start must not kill the
-    # supervisor (the default action) and leave them running; a stop reaches the late ones too.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(sig, forward)
-    for _ in range(workers):
-        procs.append(subprocess.Popen(cmd, env=worker_env))
-    if stop_signals:
-        forward(stop_signals[0], None)
-    code = 0
-    try:
-        while True:
-            alive = [p for p in procs if p.poll() is None]
-            if not alive:
-                break
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                alive[0].wait(timeout=0.5)
-        # A worker killed by a signal has a negative code: that is a failure too.
-        code = next((1 for p in procs if p.returncode), 0)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if redis is not None:
-            redis.stop_sync()
-        for f in Path(multiproc).glob("*.db"):
-            f.unlink()
-        with contextlib.suppress(OSError):
-            Path(multiproc).rmdir()
-    return code
-
-
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=env.log_level(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
 
 
 def run_serve(config_path: str | None, workers: int) -> int:

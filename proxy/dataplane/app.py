@@ -330,7 +330,9 @@ class DataPlane:
 
         admission = ADMITTED
         if self.hooks.admit is not None:
-            admission = await self.hooks.admit(ex.snap, ex.facts, decision, ex.body, ex.rid)
+            named = ex.named  # the classifier reads a compressed body decoded, as the decision did
+            seen = named.decoded if named is not None and named.encoded else ex.body
+            admission = await self.hooks.admit(ex.snap, ex.facts, decision, seen, ex.rid)
             if admission.refused is not None:
                 self._count(ex.product, ex.program, admission.refused_code or "refused", ex.started)
                 return admission.refused

@@ -41,6 +41,7 @@ class Named:
     batch_file: bool = False  # an upload with purpose batch: record its models
     input_file_id: str | None = None  # POST /v1/batches: decide the file's recorded models
     encoded: bool = False  # the body came compressed (``doc`` is of the decoded bytes)
+    decoded: bytes = b""  # when ``encoded``: the body decoded (for the classifier)
 
 
 class _Names:
@@ -92,7 +93,7 @@ def named_models(
             codings = encoding.codings_of(content_encodings)
             if codings:
                 body = encoding.decode(body, codings, limit)
-                named.encoded = True
+                named.encoded, named.decoded = True, body
         _read_body(named, names, body, content_types, limit)
     if names.first is not None:
         if named.models:  # a batch upload's lines: the request's own name first, once

@@ -449,7 +449,7 @@ async def test_script_reloads_after_redis_forgets_it(
     redis_url: str, redis_client: aioredis.Redis, make_limiter: MakeLimiter
 ) -> None:
     limiter = await make_limiter(redis_url, "r1")
-    rule = limit(rpm=60, burst=3)
+    rule = limit(rpm=1, burst=3)  # no refill between the two calls, however slow the machine
     assert (await limiter.acquire("ws-noscript", "p", rule)).mode == "redis"
     await redis_client.script_flush()
     result = await limiter.acquire("ws-noscript", "p", rule)

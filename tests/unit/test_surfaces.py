@@ -215,7 +215,8 @@ def test_a_decompression_bomb_is_refused_early(coding: str) -> None:
 
 def test_decoded_size_counts_against_the_limit() -> None:
     body = json.dumps({"model": "m", "pad": "x" * 5000}).encode()
-    assert read(gzip.compress(body), encodings=("gzip",), limit=len(body)).models == ("m",)
+    named = read(gzip.compress(body), encodings=("gzip",), limit=len(body))
+    assert named.models == ("m",) and named.encoded and named.decoded == body  # the classifier's
     refused("request_too_large", body=gzip.compress(body), encodings=("gzip",), limit=4000)
 
 

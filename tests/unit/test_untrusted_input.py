@@ -33,7 +33,7 @@ def test_an_issued_key_names_its_id() -> None:
         lambda k: k[: len(KEY_PREFIX) + 12] + "_" + k[len(KEY_PREFIX) + 13 :],
         lambda k: k[: len(KEY_PREFIX) + 12 + 32],  # a secret shorter than 32 characters
         lambda k: KEY_PREFIX + "0x" + k[len(KEY_PREFIX) + 2 :],
-        lambda k: KEY_PREFIX + k[len(KEY_PREFIX) :].upper(),
+        lambda k: KEY_PREFIX + "A" + k[len(KEY_PREFIX) + 1 :].upper(),  # an upper-case hex digit
         lambda k: KEY_PREFIX + "+" + k[len(KEY_PREFIX) + 1 :],
         lambda k: KEY_PREFIX + "12_4" + k[len(KEY_PREFIX) + 4 :],
         lambda k: KEY_PREFIX + " " + k[len(KEY_PREFIX) + 1 :],
