@@ -132,6 +132,7 @@ class Proxy:
     async def _data_plane(self) -> None:
         """The handler and its hooks: rate limits, safety flags, WebSocket sessions, metering,
         the access log, and the config reloader."""
+        cfg = self.holder.current.config
         self.limiter = RateLimiter(
             self.fast_redis,
             self.gate,
