@@ -113,7 +113,66 @@ class AdminCalls:
         return doc
 
 
-async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
+# The requests the demo makes and prints, and what each is answered.
+CASES = [
+    Case("allowed: org grant, enabled", "acme-research", "/v1", "gpt-5.6-sol", "200"),
+    Case("allowed: model in no program", "globex-main", "/v1", "gpt-4o-mini", "200"),
+    Case("401 invalid_api_key: revoked key", "revoked", "/v1", "gpt-5.6-sol", "401"),
+    Case(
+        "403 workspace_suspended",
+        "acme-contractors",
+        "/v1",
+        "gpt-5.6-sol",
+        "403 workspace_suspended",
+    ),
+    Case(
+        "403 product_unavailable: chatgpt is closed",
+        "acme-research",
+        "/chatgpt/v1",
+        "gpt-5.6-sol",
+        "403 product_unavailable",
+    ),
+    Case("allowed: alpha grant, alpha model", "initech-lab", "/v1", "gpt-5.5-alpha", "200"),
+    Case(
+        "404 model_not_found: alpha does not carry over",
+        "initech-lab",
+        "/v1",
+        "gpt-5.6-sol",
+        "404 model_not_found",
+    ),
+    Case(
+        "404 model_not_found: an api grant does not open codex",
+        "globex-main",
+        "/codex/v1",
+        "gpt-5.6-sol",
+        "404 model_not_found",
+    ),
+    Case(
+        "403 access_pending_review: codex awaits government",
+        "acme-research",
+        "/codex/v1",
+        "gpt-5.6-sol",
+        "403 access_pending_review",
+    ),
+    Case(
+        "403 access_not_yet_enabled: next wave",
+        "globex-main",
+        "/v1",
+        "gpt-5.6-sol",
+        "403 access_not_yet_enabled",
+    ),
+    Case(
+        "403 access_suspended: workspace grant wins",
+        "acme-prod",
+        "/v1",
+        "gpt-5.6-sol",
+        "403 access_suspended",
+    ),
+]
+
+
+async def _tenants(admin: AdminCalls) -> dict[str, str]:
+    """The orgs, their workspaces and a key for each (and one revoked key)."""
     a = admin.call
     for org, name, rep in (("acme", "Acme", "Dana Reyes"), ("globex", "Globex", "Sam Okafor")):
         await a(
@@ -165,50 +224,63 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
     await a(
         "ops", "DELETE", f"/admin/v1/keys/{doc['key_id']}", None, f"keys revoke {doc['key_id']}"
     )
+    return keys
 
-    async def grant(subject: str, program: str, product: str, **extra: Any) -> str:
-        body = {"program": program, "product": product, "subject": subject, **extra}
-        doc = await a(
-            "ops",
-            "POST",
-            "/admin/v1/grants",
-            body,
-            f"grants request --program {program} --product {product} --subject {subject}",
-        )
-        return str(doc["grant_id"])
 
-    async def approve(gid: str, roles: tuple[str, ...] = ("provider", "government")) -> None:
-        reviewers = {
-            "provider": ("provider-review", "alice"),
-            "government": ("gov-review", "grace"),
-        }
-        for role in roles:
-            who, reviewer = reviewers[role]
-            await a(
-                who,
-                "POST",
-                f"/admin/v1/grants/{gid}/approve",
-                {"role": role, "reviewer": reviewer},
-                f"grants approve {gid} --role {role} --reviewer {reviewer}",
-            )
+async def _grant(admin: AdminCalls, subject: str, program: str, product: str, **extra: Any) -> str:
+    a = admin.call
+    body = {"program": program, "product": product, "subject": subject, **extra}
+    doc = await a(
+        "ops",
+        "POST",
+        "/admin/v1/grants",
+        body,
+        f"grants request --program {program} --product {product} --subject {subject}",
+    )
+    return str(doc["grant_id"])
 
-    async def enable(gid: str, at: str | None = None) -> None:
+
+async def _approve(
+    admin: AdminCalls, gid: str, roles: tuple[str, ...] = ("provider", "government")
+) -> None:
+    a = admin.call
+    reviewers = {
+        "provider": ("provider-review", "alice"),
+        "government": ("gov-review", "grace"),
+    }
+    for role in roles:
+        who, reviewer = reviewers[role]
         await a(
-            "ops",
+            who,
             "POST",
-            f"/admin/v1/grants/{gid}/enable",
-            {"at": at} if at else {},
-            f"grants enable {gid}" + (f" --at {at}" if at else ""),
+            f"/admin/v1/grants/{gid}/approve",
+            {"role": role, "reviewer": reviewer},
+            f"grants approve {gid} --role {role} --reviewer {reviewer}",
         )
 
+
+async def _enable(admin: AdminCalls, gid: str, at: str | None = None) -> None:
+    a = admin.call
+    await a(
+        "ops",
+        "POST",
+        f"/admin/v1/grants/{gid}/enable",
+        {"at": at} if at else {},
+        f"grants enable {gid}" + (f" --at {at}" if at else ""),
+    )
+
+
+async def _grants(admin: AdminCalls) -> None:
+    """Grants in every state the demo shows, and the refusals of the admin API it shows."""
+    a = admin.call
     # Acme is approved for the preview on the API, org-wide, and enabled now.
-    g = await grant("org:acme", "gpt-5.6-preview", "api")
-    await approve(g)
-    await enable(g)
+    g = await _grant(admin, "org:acme", "gpt-5.6-preview", "api")
+    await _approve(admin, g)
+    await _enable(admin, g)
     # ...but acme-prod's own grant is suspended: the workspace grant decides.
-    g = await grant("workspace:acme-prod", "gpt-5.6-preview", "api")
-    await approve(g)
-    await enable(g)
+    g = await _grant(admin, "workspace:acme-prod", "gpt-5.6-preview", "api")
+    await _approve(admin, g)
+    await _enable(admin, g)
     await a(
         "ops",
         "POST",
@@ -217,17 +289,17 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
         f"grants suspend {g} --reason demo",
     )
     # Codex for Acme awaits the government's sign-off.
-    g = await grant("org:acme", "gpt-5.6-preview", "codex")
-    await approve(g, ("provider",))
+    g = await _grant(admin, "org:acme", "gpt-5.6-preview", "codex")
+    await _approve(admin, g, ("provider",))
     # Globex: approved, switched on in a later wave.
-    g = await grant("org:globex", "gpt-5.6-preview", "api")
-    await approve(g)
+    g = await _grant(admin, "org:globex", "gpt-5.6-preview", "api")
+    await _approve(admin, g)
     later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7 * 86400))
-    await enable(g, later)
+    await _enable(admin, g, later)
     # Initech took part in the alpha: that does not carry over to the preview.
-    g = await grant("org:initech", "gpt-5.5-alpha", "api")
-    await approve(g, ("provider",))
-    await enable(g)
+    g = await _grant(admin, "org:initech", "gpt-5.5-alpha", "api")
+    await _approve(admin, g, ("provider",))
+    await _enable(admin, g)
     # Hooli works with no account representative: the preview cannot even be requested for it.
     await a("ops", "POST", "/admin/v1/orgs", {"id": "hooli"}, "orgs create hooli")
     await a(
@@ -246,62 +318,14 @@ async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
         {"reason": "demo"},
         "workspaces suspend acme-contractors --reason demo",
     )
-    cases = [
-        Case("allowed: org grant, enabled", "acme-research", "/v1", "gpt-5.6-sol", "200"),
-        Case("allowed: model in no program", "globex-main", "/v1", "gpt-4o-mini", "200"),
-        Case("401 invalid_api_key: revoked key", "revoked", "/v1", "gpt-5.6-sol", "401"),
-        Case(
-            "403 workspace_suspended",
-            "acme-contractors",
-            "/v1",
-            "gpt-5.6-sol",
-            "403 workspace_suspended",
-        ),
-        Case(
-            "403 product_unavailable: chatgpt is closed",
-            "acme-research",
-            "/chatgpt/v1",
-            "gpt-5.6-sol",
-            "403 product_unavailable",
-        ),
-        Case("allowed: alpha grant, alpha model", "initech-lab", "/v1", "gpt-5.5-alpha", "200"),
-        Case(
-            "404 model_not_found: alpha does not carry over",
-            "initech-lab",
-            "/v1",
-            "gpt-5.6-sol",
-            "404 model_not_found",
-        ),
-        Case(
-            "404 model_not_found: an api grant does not open codex",
-            "globex-main",
-            "/codex/v1",
-            "gpt-5.6-sol",
-            "404 model_not_found",
-        ),
-        Case(
-            "403 access_pending_review: codex awaits government",
-            "acme-research",
-            "/codex/v1",
-            "gpt-5.6-sol",
-            "403 access_pending_review",
-        ),
-        Case(
-            "403 access_not_yet_enabled: next wave",
-            "globex-main",
-            "/v1",
-            "gpt-5.6-sol",
-            "403 access_not_yet_enabled",
-        ),
-        Case(
-            "403 access_suspended: workspace grant wins",
-            "acme-prod",
-            "/v1",
-            "gpt-5.6-sol",
-            "403 access_suspended",
-        ),
-    ]
-    return keys, cases
+
+
+async def seed(admin: AdminCalls) -> tuple[dict[str, str], list[Case]]:
+    """Seed through the admin API (recording each call as a CLI command): tenants and keys, then
+    the grants; the keys by workspace and the cases to try."""
+    keys = await _tenants(admin)
+    await _grants(admin)
+    return keys, list(CASES)
 
 
 def _curl(port: int, case: Case, key: str) -> str:
@@ -455,6 +479,39 @@ async def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_examples(port: int, key: str) -> list[str]:
+    """The openai SDK and a realtime WebSocket session, as scripts to paste."""
+    return [
+        "With the openai SDK:",
+        "  python - <<'EOF'",
+        "  from openai import OpenAI",
+        f"  client = OpenAI(base_url='http://127.0.0.1:{port}/v1', api_key='{key}')",
+        "  r = client.chat.completions.create(model='gpt-5.6-sol', "
+        "messages=[{'role': 'user', 'content': 'hello'}])",
+        "  print(r.choices[0].message.content, r.usage)",
+        "  for chunk in client.chat.completions.create(model='gpt-5.6-sol', stream=True, "
+        "messages=[{'role': 'user', 'content': 'hello'}]):",
+        "      print(chunk.choices[0].delta.content if chunk.choices else '', end='')",
+        "  EOF",
+        "",
+        "A realtime session (WebSocket), with aiohttp:",
+        "  python - <<'EOF'",
+        "  import asyncio, aiohttp",
+        "  async def main():",
+        "      async with aiohttp.ClientSession() as s, s.ws_connect(",
+        f"          'ws://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol',",
+        f"          headers={{'authorization': 'Bearer {key}'}}) as ws:",
+        "          print(await ws.receive_json())",
+        "          await ws.send_json({'type': 'response.create'})",
+        "          async for msg in ws:",
+        "              print(msg.data)",
+        "              if '\"response.done\"' in msg.data: break",
+        "  asyncio.run(main())",
+        "  EOF",
+        "",
+    ]
+
+
 def report(
     args: argparse.Namespace,
     tokens: dict[str, str],
@@ -518,34 +575,7 @@ def report(
         "  # the same through the operator CLI (after the two exports above)",
         "  access-proxy admin explain --workspace globex-main --product api --model gpt-5.6-sol",
         "",
-        "With the openai SDK:",
-        "  python - <<'EOF'",
-        "  from openai import OpenAI",
-        f"  client = OpenAI(base_url='http://127.0.0.1:{port}/v1', "
-        f"api_key='{keys['acme-research']}')",
-        "  r = client.chat.completions.create(model='gpt-5.6-sol', "
-        "messages=[{'role': 'user', 'content': 'hello'}])",
-        "  print(r.choices[0].message.content, r.usage)",
-        "  for chunk in client.chat.completions.create(model='gpt-5.6-sol', stream=True, "
-        "messages=[{'role': 'user', 'content': 'hello'}]):",
-        "      print(chunk.choices[0].delta.content if chunk.choices else '', end='')",
-        "  EOF",
-        "",
-        "A realtime session (WebSocket), with aiohttp:",
-        "  python - <<'EOF'",
-        "  import asyncio, aiohttp",
-        "  async def main():",
-        "      async with aiohttp.ClientSession() as s, s.ws_connect(",
-        f"          'ws://127.0.0.1:{port}/v1/realtime?model=gpt-5.6-sol',",
-        f"          headers={{'authorization': 'Bearer {keys['acme-research']}'}}) as ws:",
-        "          print(await ws.receive_json())",
-        "          await ws.send_json({'type': 'response.create'})",
-        "          async for msg in ws:",
-        "              print(msg.data)",
-        "              if '\"response.done\"' in msg.data: break",
-        "  asyncio.run(main())",
-        "  EOF",
-        "",
+        *_client_examples(port, keys["acme-research"]),
         f"Access log (every request, JSON lines): tail -f {Path(args.state_dir) / ACCESS_LOG}",
         f"Metrics: curl -s http://127.0.0.1:{admin_port}/metrics"
         " | grep -e access_proxy_requests_total -e access_proxy_tokens_total",

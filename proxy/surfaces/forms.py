@@ -13,10 +13,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, unquote_plus
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 from proxy.surfaces.errors import BodyError, invalid
 
@@ -106,67 +110,8 @@ def multipart_fields(
     boundary = single_param(params_of(content_type), "boundary", "Content-Type")
     if not boundary:
         raise invalid("A multipart body needs a boundary in its Content-Type.")
-    result = result if result is not None else MultipartFields()
-    part = _Part()
-    done = False
-
-    def on_part_begin() -> None:
-        nonlocal part
-        part = _Part()
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        part.header_name += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        part.header_value += data[start:end]
-
-    def on_header_end() -> None:
-        part.headers.append(
-            (
-                part.header_name.decode("latin-1").strip().lower(),
-                part.header_value.decode("latin-1"),
-            )
-        )
-        part.header_name.clear()
-        part.header_value.clear()
-
-    def on_headers_finished() -> None:
-        _classify(part, wanted, file_sink)
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        if part.sink is not None:
-            part.sink(data[start:end])
-        elif part.name is not None:
-            part.data += data[start:end]
-            if len(part.data) > MAX_FIELD_BYTES:
-                raise invalid(f"The multipart field {part.name!r} is too long.")
-
-    def on_part_end() -> None:
-        if part.name is not None and part.sink is None:
-            try:
-                value = part.data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise invalid(f"The multipart field {part.name!r} is not valid UTF-8.") from None
-            result.fields.setdefault(part.name, []).append(value)
-
-    def on_end() -> None:
-        nonlocal done
-        done = True
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_end": on_end,
-        },
-        max_header_count=32,
-    )
+    reader = _PartReader(wanted, file_sink, result if result is not None else MultipartFields())
+    parser = MultipartParser(boundary, reader.callbacks(), max_header_count=32)
     try:
         parser.write(body)
         parser.finalize()
@@ -174,9 +119,78 @@ def multipart_fields(
         raise
     except (MultipartParseError, ValueError):
         raise invalid("The multipart body is malformed.") from None
-    if not done:
+    if not reader.done:
         raise invalid("The multipart body ends before its closing boundary.")
-    return result
+    return reader.result
+
+
+class _PartReader:
+    """The parser's callbacks: each part's headers, then its data kept (a wanted field), streamed
+    (the file part) or dropped."""
+
+    def __init__(
+        self,
+        wanted: frozenset[str],
+        file_sink: tuple[str, Callable[[bytes], None]] | None,
+        result: MultipartFields,
+    ) -> None:
+        self.wanted = wanted
+        self.file_sink = file_sink
+        self.result = result
+        self.part = _Part()
+        self.done = False
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.part = _Part()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.part.header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.part.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        part = self.part
+        name = part.header_name.decode("latin-1").strip().lower()
+        part.headers.append((name, part.header_value.decode("latin-1")))
+        part.header_name.clear()
+        part.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _classify(self.part, self.wanted, self.file_sink)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.part
+        if part.sink is not None:
+            part.sink(data[start:end])
+        elif part.name is not None:
+            part.data += data[start:end]
+            if len(part.data) > MAX_FIELD_BYTES:
+                raise invalid(f"The multipart field {part.name!r} is too long.")
+
+    def on_part_end(self) -> None:
+        part = self.part
+        if part.name is not None and part.sink is None:
+            try:
+                value = part.data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise invalid(f"The multipart field {part.name!r} is not valid UTF-8.") from None
+            self.result.fields.setdefault(part.name, []).append(value)
+
+    def on_end(self) -> None:
+        self.done = True
 
 
 def _classify(
