@@ -118,6 +118,12 @@ CASES: tuple[Case, ...] = (
     Case("baseline", "baseline"),
     Case("access-proxy", "proxy"),
     Case("access-proxy+rate-limit", "proxy", {"rate_limits": {"enabled": True}}),
+    # The same limits with a Redis call per request (no leases), for comparison.
+    Case(
+        "access-proxy+rate-limit-per-request",
+        "proxy",
+        {"rate_limits": {"enabled": True, "lease_requests": 0}},
+    ),
     # The access log: off, and every request written to a file (the default logs denials only).
     Case("access-proxy+log-off", "proxy", {"access_log": {"mode": "off"}}),
     Case("access-proxy+log-all", "proxy", {"access_log": {"mode": "all", "path": "access.log"}}),

@@ -399,6 +399,12 @@ class RateLimits:
     enabled: bool = setting(True)
     default: RateLimit = setting()
     programs: Mapping[str, RateLimit] = setting(None, read=_read_program_limits)
+    # Requests a replica takes from the shared bucket at once (0: a Redis call per request), and
+    # how long it may use them before the rest goes back (SPEC §5: bounded by a second).
+    lease_requests: int = setting(8, check=_non_negative, restart=True)
+    lease_ms: int = setting(
+        500, check=lambda v: None if 1 <= v <= 1000 else "must be 1..1000", restart=True
+    )
 
     def for_program(self, program: str | None) -> RateLimit:
         if program is None:

@@ -132,11 +132,14 @@ class Proxy:
     async def _data_plane(self) -> None:
         """The handler and its hooks: rate limits, safety flags, WebSocket sessions, metering,
         the access log, and the config reloader."""
+        cfg = self.holder.current.config
         self.limiter = RateLimiter(
             self.fast_redis,
             self.gate,
             secrets.token_hex(6),
             resp=self.topology.resp(connect_timeout_s=1.0),
+            lease_requests=cfg.rate_limits.lease_requests,
+            lease_lifetime_s=cfg.rate_limits.lease_ms / 1000,
         )
         await self.limiter.start()
         live = self.holder

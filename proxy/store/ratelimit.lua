@@ -16,6 +16,14 @@
 -- Tokens are a GCRA bucket too: a minute's budget (tokens_per_minute) of capacity, each token
 -- worth 60 s / tokens_per_minute. Usage is known only when an answer ends, so a request is let
 -- in while at least one token of budget is left and its tokens are added afterwards.
+-- lease    KEYS: rl, cc, tk keys as for acquire
+--          ARGV: op, interval, capacity, concurrent cap, slot lease, tokens per minute, tokens
+--                metered, requests wanted (0: none), then the ids of the slots wanted (maybe none)
+--          -> acquire's reply, then requests granted, slots granted (the first ids given).
+--          A request lease advances the TAT by granted x interval at once: at most what the
+--          bucket holds now, so GCRA's bound holds for what is leased.
+-- giveback KEYS: rl keys; ARGV: op, then per key the time (granted-but-unused x interval) to
+--          take back off the TAT -> #keys
 -- release  KEYS: cc keys; ARGV: op, one slot id per key -> slots removed
 -- refresh  KEYS: cc keys; ARGV: op, lease, one slot id per key -> leases extended
 -- heartbeat KEYS: replica set; ARGV: op, ttl, replica id -> live replicas
@@ -95,6 +103,77 @@ if op == 'acquire' then
   redis.call('SET', rl, fmt(new_tat), 'PX', ms_ceil(new_tat - now))
   local remaining = math.floor((now + capacity - new_tat) / interval)
   return {1, 0, remaining, new_tat - now, 0, t_left, t_reset}
+elseif op == 'lease' then
+  local rl, cc, tk = KEYS[1], KEYS[2], KEYS[3]
+  local interval = tonumber(ARGV[2])
+  local capacity = tonumber(ARGV[3])
+  local concurrent = tonumber(ARGV[4])
+  local lease = tonumber(ARGV[5])
+  local tpm = tonumber(ARGV[6]) or 0
+  local spent = tonumber(ARGV[7]) or 0
+  local want = tonumber(ARGV[8]) or 0
+  local slots_wanted = #ARGV - 8
+  local now = now_us()
+
+  local t_left, t_reset, t_retry = -1, 0, 0
+  if tpm > 0 then
+    local ttat, per = spend(tk, tpm, spent, now)
+    t_left = math.max(0, math.floor((now + MINUTE - ttat) / per))
+    t_reset = ttat - now
+    t_retry = ttat + per - MINUTE - now
+  end
+
+  local tat = tonumber(redis.call('GET', rl)) or now
+  if tat < now then
+    tat = now
+  end
+  local granted = 0
+  if want > 0 then
+    granted = math.min(want, math.floor((now + capacity - tat) / interval))
+    if granted < 1 then
+      return {0, 1, 0, tat - now, tat + interval - capacity - now, t_left, t_reset, 0, 0}
+    end
+  end
+  if t_left == 0 then
+    local remaining = math.floor((now + capacity - tat) / interval)
+    return {0, 3, remaining, tat - now, t_retry, t_left, t_reset, 0, 0}
+  end
+
+  local slots = 0
+  if slots_wanted > 0 then
+    redis.call('ZREMRANGEBYSCORE', cc, '-inf', fmt(now))
+    local free = concurrent - redis.call('ZCARD', cc)
+    if free < 1 then
+      local remaining = math.floor((now + capacity - tat) / interval)
+      return {0, 2, remaining, tat - now, 0, t_left, t_reset, 0, 0}
+    end
+    slots = math.min(slots_wanted, free)
+    for i = 1, slots do
+      redis.call('ZADD', cc, fmt(now + lease), ARGV[8 + i])
+    end
+    redis.call('PEXPIRE', cc, ms_ceil(lease))
+  end
+
+  if granted > 0 then
+    tat = tat + granted * interval
+    redis.call('SET', rl, fmt(tat), 'PX', ms_ceil(tat - now))
+  end
+  local remaining = math.floor((now + capacity - tat) / interval)
+  return {1, 0, remaining, tat - now, 0, t_left, t_reset, granted, slots}
+elseif op == 'giveback' then
+  local now = now_us()
+  for i, key in ipairs(KEYS) do
+    local tat = tonumber(redis.call('GET', key))
+    if tat then
+      tat = tat - tonumber(ARGV[1 + i])
+      if tat <= now then
+        redis.call('DEL', key)
+      else
+        redis.call('SET', key, fmt(tat), 'PX', ms_ceil(tat - now))
+      end
+    end
+  end
+  return #KEYS
 elseif op == 'consume' then
   local now = now_us()
   for i, key in ipairs(KEYS) do

@@ -17,6 +17,13 @@ batched ``consume`` call sends whatever is still held after ``token_flush_s``. N
 trip on the request path; the error is bounded by the answers in flight plus those metered in
 the last ``token_flush_s`` on other replicas.
 
+With ``lease_requests`` set, a replica does not call Redis per request: it takes requests from
+the bucket in small leases and concurrency slots into a pool of its own (``proxy.store.leases``),
+admits from them locally, and fetches the next lease in the background when half of one is spent.
+Unused requests are given back when the lease's ``lease_lifetime_s`` is over, idle slots after
+a lifetime without use. Together replicas admit at most ``burst + rate × t + replicas × lease``
+in any ``t`` seconds; a lease is dropped as soon as its limit changes (a tier's factor, a reload).
+
 When Redis cannot answer, a replica limits alone with its share of the limit (the limit divided
 by the replicas last seen alive), counted as ``failure_mode{check="rate_limit",mode="local"}``.
 A limit marked ``shadow`` is evaluated and counted but never refuses.
@@ -44,6 +51,7 @@ from proxy import metrics
 from proxy.background import Task, every
 from proxy.config import RateLimit
 from proxy.store.connection import Gate, RedisUnavailable
+from proxy.store.leases import Lease, lease_size, wanted_ahead
 from proxy.store.resp import RespConnection, RespError
 from proxy.store.schema import REPLICAS_KEY, concurrency_key, rate_key, token_key
 from proxy.store.topology import RespRouter
@@ -209,6 +217,8 @@ class RateLimiter:
         replica_ttl_s: float | None = None,
         resp: RespRouter | None = None,
         token_flush_s: float = 0.1,
+        lease_requests: int = 0,
+        lease_lifetime_s: float = 0.5,
     ) -> None:
         self._redis = redis
         self._owns_resp = resp is None
@@ -231,7 +241,17 @@ class RateLimiter:
         self._spent: dict[str, tuple[int, int]] = {}  # token key -> (tokens, tokens per minute)
         self._token_flush: asyncio.TimerHandle | None = None
         self._release_batch: tuple[list[str], list[str], asyncio.Future[None]] | None = None
-        self._flushing: set[asyncio.Future[None]] = set()
+        self._flushing: set[asyncio.Future[Any]] = set()
+        self.lease_requests = lease_requests  # 0: one Redis call per request
+        self.lease_lifetime_s = lease_lifetime_s
+        self._leases: dict[str, Lease] = {}  # rate key -> what this replica holds of it
+        self._lent: dict[str, tuple[str, Lease, str]] = {}  # handle -> (rl, lease, slot)
+        self._giveback: dict[str, int] = {}  # rate key -> microseconds to take off its TAT
+        self._unpooled: list[tuple[str, str]] = []  # (concurrency key, slot) to release
+        self._sweeper = Task(
+            "rate-limit-leases",
+            lambda: every(lease_lifetime_s / 4, self._sweep, "rate limit lease sweep"),
+        )
         self._local_mode = metrics.FAILURE_MODE.labels("rate_limit", "local")
         self._shadow = metrics.SHADOW_DECISIONS.labels("rate_limit")
         self._token_shadow = metrics.SHADOW_DECISIONS.labels("token_limit")
@@ -239,7 +259,15 @@ class RateLimiter:
     async def acquire(
         self, workspace_id: str, program: str | None, limit: RateLimit
     ) -> LimitResult:
-        """Judge one request: one Redis round trip, or the local share when Redis is away."""
+        """Judge one request: from this replica's lease, else one Redis round trip, or the local
+        share when Redis is away."""
+        if self.lease_requests > 0:
+            return await self._acquire_leased(workspace_id, program, limit)
+        return await self._acquire_once(workspace_id, program, limit)
+
+    async def _acquire_once(
+        self, workspace_id: str, program: str | None, limit: RateLimit
+    ) -> LimitResult:
         rl = rate_key(workspace_id, program)
         cc = concurrency_key(workspace_id, program)
         tk = token_key(workspace_id, program)
@@ -298,6 +326,179 @@ class RateLimiter:
             retry_s = token_retry
         return self._result(limit, shown, code, remaining, reset_s, retry_s, slot, "local", tokens)
 
+    async def _acquire_leased(
+        self, workspace_id: str, program: str | None, limit: RateLimit
+    ) -> LimitResult:
+        rl = rate_key(workspace_id, program)
+        lease = self._leases.get(rl)
+        if lease is not None and lease.limit != limit:
+            self._retire(rl, lease)  # a new tier factor or a reload: the old lease goes now
+            lease = None
+        if lease is None:
+            interval_us = -(-_MINUTE_US // max(1, limit.requests_per_minute))
+            lease = Lease(
+                limit,
+                concurrency_key(workspace_id, program),
+                token_key(workspace_id, program),
+                interval_us,
+            )
+            self._leases[rl] = lease
+        size = lease_size(self.lease_requests, limit.burst, self.replicas)
+        pool = lease_size(self.lease_requests, limit.concurrent, self.replicas)
+        for _ in range(8):  # each turn admits, waits for a fetch, or fetches
+            now = time.monotonic()
+            if lease.usable(now) and lease.free and lease.tokens_ok(now, self.token_flush_s):
+                return self._admit_from(rl, lease, size, now)
+            if lease.fetching is not None:
+                await asyncio.shield(lease.fetching)
+                continue
+            want = 0 if lease.usable(now) else size
+            refused = await self._fetch(rl, lease, want, 0 if lease.free else pool)
+            if refused is not None:
+                return refused
+        # Other requests took each lease first (or it expired unused): judge this one directly.
+        return await self._acquire_once(workspace_id, program, limit)
+
+    def _admit_from(self, rl: str, lease: Lease, size: int, now: float) -> LimitResult:
+        lease.units -= 1
+        slot = lease.free.pop()
+        handle = f"{slot}#{next(self._seq)}"
+        self._lent[handle] = (rl, lease, slot)
+        if wanted_ahead(lease, size, now):
+            ahead = self._fetch(rl, lease, size - lease.units, 0, background=True)
+            task = asyncio.ensure_future(ahead)
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+        limit = lease.limit
+        tokens = None
+        if limit.tokens_per_minute and lease.tokens_left >= 0:
+            tokens = Tokens(limit.tokens_per_minute, *lease.shown_tokens(now))
+        return LimitResult(
+            allowed=True,
+            would_allow=True,
+            limit=limit.requests_per_minute,
+            remaining=lease.shown_remaining(now),
+            reset_s=lease.shown_reset(now),
+            retry_after_s=0.0,
+            reason=None,
+            slot=handle,
+            mode="redis",
+            tokens=tokens,
+        )
+
+    async def _fetch(
+        self, rl: str, lease: Lease, want: int, slots: int, *, background: bool = False
+    ) -> LimitResult | None:
+        """Take ``want`` requests and ``slots`` slots into ``lease`` in one call (and refresh
+        the token budget seen). A refusal is returned (None in the ``background``, which judges
+        no request); None when the lease was filled."""
+        limit = lease.limit
+        tpm = limit.tokens_per_minute or 0
+        spent = self._spent.pop(lease.tk, (0, 0))[0] if tpm else 0
+        ids = [f"{self.replica_id}:{next(self._seq)}" for _ in range(slots)]
+        args = (
+            "lease",
+            str(lease.interval_us),
+            str(max(1, limit.burst) * lease.interval_us),
+            str(max(1, limit.concurrent)),
+            self._lease_us,
+            str(tpm),
+            str(spent),
+            str(want),
+            *ids,
+        )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        lease.fetching = done
+        try:
+            keys = (rl, lease.cc, lease.tk)
+            reply = await self._gate.call("rate_limit", lambda: self._script(keys, args))
+        except RedisUnavailable:
+            if background:
+                return None
+            self._local_mode.inc()
+            slot = f"{self.replica_id}:{next(self._seq)}"
+            return self._acquire_locally(rl, lease.cc, lease.tk, limit, slot, spent)
+        finally:
+            lease.fetching = None
+            done.set_result(None)
+        code, remaining, reset_us, retry_us, t_left, t_reset_us, granted, got = (
+            int(v) for v in reply[1:9]
+        )
+        now = time.monotonic()
+        if tpm and t_left >= 0:
+            lease.tokens_left, lease.tokens_used = t_left, 0
+            lease.tokens_reset_at = now + t_reset_us / _US
+            lease.tokens_seen = now
+        lease.remaining, lease.reset_at = remaining, now + reset_us / _US
+        if code != 0 and background:
+            return None
+        if code != 0:
+            tokens = Tokens(tpm, t_left, max(0.0, t_reset_us / _US)) if tpm else None
+            rpm = limit.requests_per_minute
+            reset_s, retry_s = reset_us / _US, retry_us / _US
+            return self._result(limit, rpm, code, remaining, reset_s, retry_s, "", "redis", tokens)
+        if granted:
+            self._give_back(rl, lease, lease.expired_units(now))
+            lease.units += granted
+            lease.expires = now + self.lease_lifetime_s
+        for slot in ids[:got]:
+            lease.free.append(slot)
+            lease.owned.add(slot)
+            self._held[slot] = lease.cc
+        lease.idle_since = now
+        return None
+
+    def _give_back(self, rl: str, lease: Lease, units: int) -> None:
+        if units:
+            self._giveback[rl] = self._giveback.get(rl, 0) + units * lease.interval_us
+
+    def _retire(self, rl: str, lease: Lease) -> None:
+        """Drop a lease: its requests are given back and its idle slots released at the next
+        sweep; slots still in use are released in Redis when their requests end."""
+        del self._leases[rl]
+        self._give_back(rl, lease, lease.units)
+        lease.units = 0
+        self._unpool(lease, lease.free)
+        lease.free = []
+
+    def _unpool(self, lease: Lease, slots: list[str]) -> None:
+        for slot in slots:
+            lease.owned.discard(slot)
+            if self._held.pop(slot, None) is not None:
+                self._unpooled.append((lease.cc, slot))
+
+    async def _sweep(self) -> None:
+        """Give back the requests of expired leases and release slots idle for a lifetime."""
+        now = time.monotonic()
+        for rl, lease in list(self._leases.items()):
+            self._give_back(rl, lease, lease.expired_units(now))
+            self._unpool(lease, lease.idle_slots(now, self.lease_lifetime_s))
+            if lease.empty():
+                del self._leases[rl]
+        await self._send_returns()
+
+    async def _send_returns(self) -> None:
+        giveback, self._giveback = self._giveback, {}
+        unpooled, self._unpooled = self._unpooled, []
+        if giveback:
+            keys = list(giveback)
+            for group_keys, values in self._by_group(keys, [str(giveback[k]) for k in keys]):
+                # Lost if Redis cannot answer: the requests were only ever leased, never used.
+                with contextlib.suppress(RedisUnavailable):
+                    await self._gate.call(
+                        "rate_limit_release",
+                        partial(self._script, group_keys, ["giveback", *values]),
+                    )
+        if unpooled:
+            keys, slots = [cc for cc, _ in unpooled], [slot for _, slot in unpooled]
+            for group_keys, group_slots in self._by_group(keys, slots):
+                # On failure the slots are no longer refreshed; their leases run out.
+                with contextlib.suppress(RedisUnavailable):
+                    await self._gate.call(
+                        "rate_limit_release",
+                        partial(self._script, group_keys, ["release", *group_slots]),
+                    )
+
     def consume(
         self, workspace_id: str, program: str | None, tokens: int, tokens_per_minute: int
     ) -> None:
@@ -306,6 +507,9 @@ class RateLimiter:
         if tokens <= 0 or tokens_per_minute <= 0:
             return
         tk = token_key(workspace_id, program)
+        lease = self._leases.get(rate_key(workspace_id, program))
+        if lease is not None:
+            lease.tokens_used += tokens
         held = self._spent.get(tk, (0, 0))[0]
         self._spent[tk] = (held + tokens, tokens_per_minute)
         if self._token_flush is None:
@@ -388,6 +592,14 @@ class RateLimiter:
         if result.mode == "local":
             self._local.release(slot)
             return
+        lent = self._lent.pop(slot, None)
+        if lent is not None:
+            rl, lease, member = lent
+            if self._leases.get(rl) is lease and member in lease.owned:
+                lease.free.append(member)  # back to the pool: no call
+                lease.idle_since = time.monotonic()
+                return
+            slot = member  # its lease was dropped: free the slot in Redis
         cc = self._held.pop(slot, None)
         if cc is None:
             return
@@ -431,6 +643,8 @@ class RateLimiter:
         """Announce this replica and start the background heartbeat and lease refresh."""
         await self._heartbeat()
         self._task.start()
+        if self.lease_requests > 0:
+            self._sweeper.start()
 
     async def stop(self) -> None:
         if self._token_flush is not None:
@@ -439,6 +653,10 @@ class RateLimiter:
         if self._spent:
             await self._flush_tokens()
         await self._task.stop()
+        await self._sweeper.stop()
+        for rl, lease in list(self._leases.items()):
+            self._retire(rl, lease)
+        await self._send_returns()
         with contextlib.suppress(RedisUnavailable):
             await self._gate.call(
                 "rate_limit_heartbeat", lambda: self._redis.zrem(REPLICAS_KEY, self.replica_id)

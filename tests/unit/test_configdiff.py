@@ -443,6 +443,8 @@ def test_restart_only_is_what_the_declarations_say() -> None:
         "keys.pepper_file",
         "cache.max_entries",
         "state_dir",
+        "rate_limits.lease_requests",
+        "rate_limits.lease_ms",
     }
 
 
@@ -455,6 +457,7 @@ def test_a_reload_keeps_every_restart_only_setting() -> None:
     new["keys"] = {"pepper_env": "OTHER_PEPPER", "pepper_file": "/run/pepper"}
     new["cache"]["max_entries"] = 7
     new["state_dir"] = "/elsewhere"
+    new.setdefault("rate_limits", {}).update(lease_requests=0, lease_ms=100)
     new["cache"]["ttl_seconds"] = 1
     new_cfg = config.parse(yaml.safe_dump(new))
     kept = config.keep_restart_only(running, new_cfg)
