@@ -110,6 +110,7 @@ class Case:
     name: str
     kind: str
     config: Mapping[str, Any] = field(default_factory=dict)
+    workers: int = 1  # a proxy case's `serve --workers N`
 
 
 # Adding a case is one line here.
@@ -127,6 +128,8 @@ CASES: tuple[Case, ...] = (
     # The access log: off, and every request written to a file (the default logs denials only).
     Case("access-proxy+log-off", "proxy", {"access_log": {"mode": "off"}}),
     Case("access-proxy+log-all", "proxy", {"access_log": {"mode": "all", "path": "access.log"}}),
+    # Two worker processes on one port, against the one-worker `access-proxy` case.
+    Case("access-proxy --workers 2", "proxy", workers=2),
 )
 BASELINE = "baseline"
 
@@ -313,7 +316,7 @@ def base_config(upstream_url: str, redis_url: str, state_dir: Path) -> dict[str,
     }
 
 
-async def start_proxy(bench: Bench, name: str, over: Mapping[str, Any]) -> str:
+async def start_proxy(bench: Bench, name: str, over: Mapping[str, Any], workers: int = 1) -> str:
     """One ``access-proxy serve`` process; returns its data URL once it is ready."""
     port, admin_port = free_port(), free_port()
     cfg = merged(
@@ -328,6 +331,8 @@ async def start_proxy(bench: Bench, name: str, over: Mapping[str, Any]) -> str:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     bench.config_paths[name] = path
     cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     bench.procs.spawn(name, cmd, proxy_env(bench.redis.url))
     await bench.procs.wait_listening(name, admin_port)
     await bench.procs.wait_listening(name, port)
@@ -438,7 +443,9 @@ async def started(settings: Settings) -> AsyncIterator[Bench]:
 
         for case in CASES:
             if case.kind == "proxy":
-                bench.urls[case.name] = await start_proxy(bench, case.name, case.config)
+                bench.urls[case.name] = await start_proxy(
+                    bench, case.name, case.config, case.workers
+                )
         bench.urls["revocation-peer"] = await start_proxy(bench, "revocation-peer", {})
 
         # Warm every path (and the proxies' caches) and check each answers 200. On a loaded
@@ -464,15 +471,26 @@ async def started(settings: Settings) -> AsyncIterator[Bench]:
 # ---------------------------------------------------------------------- throughput
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float | None:
-    """User + system CPU time of ``proc`` (all its threads), from /proc; None where unknown."""
+    """User + system CPU time of ``proc`` (all its threads) and of its live children (the
+    workers of ``--workers N``), from /proc; None where unknown."""
     if proc is None:
         return None
     try:
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        pids = [proc.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    if int(_stat(int(entry.name))[1]) == proc.pid:
+                        pids.append(int(entry.name))
+        ticks = sum(int(f[11]) + int(f[12]) for f in map(_stat, pids))
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(bench: Bench, case: Case, concurrency: int, duration_s: float) -> dict[str, Any]:
