@@ -207,8 +207,11 @@ async def test_unmetered_answers_are_counted_by_reason(
 # ---------------------------------------------------------------------------- the openai SDK
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tenant(stack: Stack) -> Tenant:
+    """A tenant of each test's own: usage another test metered can still be landing in Redis
+    (written in batches), and must not count in this test's totals."""
+
     async def seed() -> Tenant:
         seeder = Seeder(stack.redis_url)
         try:
