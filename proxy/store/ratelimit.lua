@@ -59,6 +59,20 @@ local function spend(key, tpm, spent, now)
   return ttat, per
 end
 
+-- The token budget after adding spent tokens: tokens left (-1: no token limit), reset, retry.
+local function token_budget(tk, tpm, spent, now)
+  if tpm <= 0 then
+    return -1, 0, 0
+  end
+  local ttat, per = spend(tk, tpm, spent, now)
+  return math.max(0, math.floor((now + MINUTE - ttat) / per)), ttat - now, ttat + per - MINUTE - now
+end
+
+-- The request bucket's TAT, never in the past.
+local function request_tat(rl, now)
+  return math.max(tonumber(redis.call('GET', rl)) or now, now)
+end
+
 if op == 'acquire' then
   local rl, cc, tk = KEYS[1], KEYS[2], KEYS[3]
   local interval = tonumber(ARGV[2])
@@ -70,18 +84,8 @@ if op == 'acquire' then
   local spent = tonumber(ARGV[8]) or 0
   local now = now_us()
 
-  local t_left, t_reset, t_retry = -1, 0, 0
-  if tpm > 0 then
-    local ttat, per = spend(tk, tpm, spent, now)
-    t_left = math.max(0, math.floor((now + MINUTE - ttat) / per))
-    t_reset = ttat - now
-    t_retry = ttat + per - MINUTE - now
-  end
-
-  local tat = tonumber(redis.call('GET', rl)) or now
-  if tat < now then
-    tat = now
-  end
+  local t_left, t_reset, t_retry = token_budget(tk, tpm, spent, now)
+  local tat = request_tat(rl, now)
   local new_tat = tat + interval
   local allow_at = new_tat - capacity
   if allow_at > now then
@@ -115,18 +119,8 @@ elseif op == 'lease' then
   local slots_wanted = #ARGV - 8
   local now = now_us()
 
-  local t_left, t_reset, t_retry = -1, 0, 0
-  if tpm > 0 then
-    local ttat, per = spend(tk, tpm, spent, now)
-    t_left = math.max(0, math.floor((now + MINUTE - ttat) / per))
-    t_reset = ttat - now
-    t_retry = ttat + per - MINUTE - now
-  end
-
-  local tat = tonumber(redis.call('GET', rl)) or now
-  if tat < now then
-    tat = now
-  end
+  local t_left, t_reset, t_retry = token_budget(tk, tpm, spent, now)
+  local tat = request_tat(rl, now)
   local granted = 0
   if want > 0 then
     granted = math.min(want, math.floor((now + capacity - tat) / interval))
