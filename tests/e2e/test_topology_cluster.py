@@ -5,15 +5,13 @@ Started once for the module."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
-import redis.asyncio
 
 from proxy.redis_server import HOST
 from proxy.store.routing import ClusterResp, SlotTable, slot_of
-from proxy.store.topology import Topology
 from tests.e2e.conftest import Seeder, Stack
 from tests.e2e.test_dataplane_e2e import (  # noqa: F401  (collected here, on this topology)
     test_grant_states,
@@ -28,7 +26,13 @@ from tests.e2e.test_limits_and_admin_e2e import (  # noqa: F401
     test_two_processes_together_admit_at_most_burst_plus_rate,
 )
 from tests.e2e.test_metering_e2e import test_streamed_and_plain_answers_are_metered  # noqa: F401
-from tests.e2e.topology_suite import LIMITS, failover_under_load, topology_stack
+from tests.e2e.topology_suite import (  # noqa: F401  (fixtures on this topology)
+    LIMITS,
+    failover_under_load,
+    redis_client,
+    redis_url,
+    stack,
+)
 from tests.integration.conftest import admin  # noqa: F401
 from tests.integration.test_admin_api import (  # noqa: F401
     test_explain_names_the_rule_and_the_facts,
@@ -47,29 +51,6 @@ from tests.redis_topologies import ClusterTopology, cluster_topology
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
     with cluster_topology(tmp_path_factory.mktemp("cluster")) as topo:
         yield topo
-
-
-@pytest.fixture(scope="module")
-def stack(
-    topology: ClusterTopology, dead_upstream_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    with topology_stack(topology.url, tmp_path_factory.mktemp("e2e"), dead_upstream_url) as s:
-        yield s
-
-
-@pytest.fixture
-def redis_url(topology: ClusterTopology) -> str:
-    topology.flush()
-    return topology.url
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    topo = Topology(redis_url)
-    try:
-        yield topo.client(None)
-    finally:
-        await topo.aclose()
 
 
 async def test_keys_of_a_workspace_share_a_slot_and_data_spreads(

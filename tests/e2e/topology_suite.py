@@ -1,5 +1,6 @@
 """What the Sentinel and Cluster test modules share: the e2e stack on a topology's URL, a flushed
-client for the admin tests, and the failover-under-load scenario (SPEC §5, issue 12).
+client for the admin tests (fixtures over the module's own ``topology`` fixture), and the
+failover-under-load scenario (SPEC §5, issue 12).
 
 Failover under load: two ``serve`` replicas answer a steady stream of requests with a known key
 (one per replica), an unknown key and a key revoked before the failover, while the master that
@@ -14,18 +15,21 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import pytest
+import redis.asyncio
 from redis.exceptions import RedisError
 
 from proxy.identity import new_key
 from proxy.store.routing import slot_of
 from proxy.store.schema import workspace_tag
+from proxy.store.topology import Topology
 from tests.conftest import wait_until
 from tests.e2e.conftest import (
     ACTOR,
@@ -78,6 +82,29 @@ def topology_stack(url: str, workdir: Path, dead_upstream_url: str) -> Iterator[
             assert code == 0, f"serve exited with {code} on SIGTERM:\n{proxy.log()}"
     finally:
         mock.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    topology: Topo, dead_upstream_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    with topology_stack(topology.url, tmp_path_factory.mktemp("e2e"), dead_upstream_url) as s:
+        yield s
+
+
+@pytest.fixture
+def redis_url(topology: Topo) -> str:
+    topology.flush()
+    return topology.url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    topo = Topology(redis_url)
+    try:
+        yield topo.client(None)
+    finally:
+        await topo.aclose()
 
 
 async def tenant_in(seed: Seeder, wanted: Callable[[int], bool]) -> Tenant:
