@@ -70,6 +70,15 @@ def _content_length(head: bytes) -> int:
     return 0
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test on both loops the proxy runs on."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+    return asyncio.DefaultEventLoopPolicy()
+
+
 @pytest.fixture
 async def raw_server() -> AsyncIterator[Callable[[Script], Awaitable[RawServer]]]:
     servers: list[asyncio.Server] = []
