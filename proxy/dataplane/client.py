@@ -262,6 +262,12 @@ class Answer:
     async def head(self) -> None:
         await self._head
 
+    def raise_if_broken(self) -> None:
+        """Raise what broke the answer off, if it already did (before any byte is relayed, a
+        break is still an error answer)."""
+        if self._error is not None:
+            raise self._error
+
     async def read_some(self) -> bytes:
         """The body bytes that arrived since the last call (waiting for some), ``b""`` at its
         end. Raises ``TimeoutError`` or ``ConnectionError`` when the answer broke off."""

@@ -206,6 +206,8 @@ async def forward(
             capture.feed(whole)
             return _result(response, status, content_type, capture, len(whole), ttfb, True)
 
+        with upstream_errors():
+            answer.raise_if_broken()  # the whole answer came at once, broken: nothing sent yet
         try:
             await response.prepare(request)
         except ConnectionError:
