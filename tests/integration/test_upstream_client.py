@@ -5,6 +5,7 @@ answers a broken or hostile upstream could send."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -480,3 +481,45 @@ async def test_any_split_of_an_answer_reads_the_same(raw_server, case) -> None:
         assert server.connections == 1
     finally:
         await pool.close()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+async def test_https_upstream_is_verified() -> None:
+    """An ``https`` upstream answers over TLS when its certificate chains to a trusted CA for
+    the host asked; an untrusted one is refused before a byte of the request is sent."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_context)
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(answer_bytes(200, b"secret answer"))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context)
+    url = f"https://localhost:{server.sockets[0].getsockname()[1]}"
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    pool = UpstreamPool(ssl_context=trusting)
+    default = UpstreamPool()
+    try:
+        answer = await ask(pool, url, "GET", b"")
+        assert await answer.read() == b"secret answer"
+        assert heads[0].startswith(b"GET /v1/x HTTP/1.1\r\nHost: localhost:")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await ask(default, url, "GET", b"")
+        assert len(heads) == 1
+    finally:
+        await pool.close()
+        await default.close()
+        server.close()
