@@ -4,6 +4,8 @@ the category classifier, then the rate limit and concurrency cap. Plugged into t
 
 from __future__ import annotations
 
+from functools import partial
+
 import aiohttp
 
 from proxy import metrics
@@ -46,25 +48,19 @@ class Admitter:
         if self.limiter is None or limit is None or not cfg.rate_limits.enabled:
             return ADMITTED
         program = decision.program.name if decision.program is not None else None
-        result = await self.limiter.acquire(facts.workspace.workspace_id, program, limit)
+        ws = facts.workspace.workspace_id
+        limiter = self.limiter
+        # From this replica's lease when it can: no coroutine, no task (the common case).
+        result = limiter.acquire_now(ws, program, limit) or await limiter.acquire(
+            ws, program, limit
+        )
         headers = result.headers()
         if not result.allowed:
             return _refuse("rate_limit_exceeded", rid, headers)
-        limiter = self.limiter
-
-        async def release() -> None:
-            await limiter.release(result)
-
-        on_tokens = None
         tpm = limit.tokens_per_minute
-        if tpm:
-            ws = facts.workspace.workspace_id
-
-            def on_tokens(tokens: int) -> None:
-                limiter.consume(ws, program, tokens, tpm)
-
         return Admission(
             headers=headers,
-            release=release if result.slot is not None else None,
-            on_tokens=on_tokens,
+            # A slot back to the pool is freed at once; only a Redis call is left to a task.
+            release=partial(limiter.free, result) if result.slot is not None else None,
+            on_tokens=partial(limiter.consume, ws, program, tokens_per_minute=tpm) if tpm else None,
         )

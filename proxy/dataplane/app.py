@@ -51,7 +51,8 @@ class Admission:
     refused_code: str | None = None
     refused: web.StreamResponse | None = None
     headers: Mapping[str, str] | None = None  # set on the response before its first byte
-    release: Callable[[], Awaitable[None]] | None = None  # run when the request ends
+    # Run when the request ends; what it returns (the Redis part, if any) runs in the background.
+    release: Callable[[], Awaitable[None] | None] | None = None
     on_tokens: Callable[[int], None] | None = None  # the metered tokens of the answer
 
 
@@ -338,11 +339,13 @@ class DataPlane:
             return await self._forward(ex, admission.on_tokens)
         finally:
             if admission.release is not None:
-                # In the background: the answer is not held back for it, and a client
-                # disconnect (which cancels the handler) does not cancel it.
-                task = asyncio.ensure_future(admission.release())
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+                pending = admission.release()
+                if pending is not None:
+                    # In the background: the answer is not held back for it, and a client
+                    # disconnect (which cancels the handler) does not cancel it.
+                    task = asyncio.ensure_future(pending)
+                    self._releases.add(task)
+                    task.add_done_callback(self._releases.discard)
 
     async def _read_request(self, ex: Exchange, websocket: bool) -> None:
         """Row 4: the body and every model the request names (``BodyError`` when unreadable)."""

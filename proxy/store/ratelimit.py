@@ -38,7 +38,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -84,7 +84,7 @@ class Tokens:
     reset_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per admitted request, and a frozen init costs
 class LimitResult:
     allowed: bool  # what to enforce (always True when the limit is shadow)
     would_allow: bool  # the verdict had the limit been enforced
@@ -262,8 +262,29 @@ class RateLimiter:
         """Judge one request: from this replica's lease, else one Redis round trip, or the local
         share when Redis is away."""
         if self.lease_requests > 0:
+            result = self.acquire_now(workspace_id, program, limit)
+            if result is not None:
+                return result
             return await self._acquire_leased(workspace_id, program, limit)
         return await self._acquire_once(workspace_id, program, limit)
+
+    def acquire_now(
+        self, workspace_id: str, program: str | None, limit: RateLimit
+    ) -> LimitResult | None:
+        """Judge one request from this replica's lease with no wait and no task, as ``acquire``
+        would; None when that takes more (no usable lease, a fetch, a changed limit): then
+        ``acquire``."""
+        if self.lease_requests <= 0:
+            return None
+        rl = rate_key(workspace_id, program)
+        lease = self._leases.get(rl)
+        if lease is None or (lease.limit is not limit and lease.limit != limit):
+            return None
+        now = time.monotonic()
+        if lease.usable(now) and lease.free and lease.tokens_ok(now, self.token_flush_s):
+            size = lease_size(self.lease_requests, limit.burst, self.replicas)
+            return self._admit_from(rl, lease, size, now)
+        return None
 
     async def _acquire_once(
         self, workspace_id: str, program: str | None, limit: RateLimit
@@ -331,7 +352,7 @@ class RateLimiter:
     ) -> LimitResult:
         rl = rate_key(workspace_id, program)
         lease = self._leases.get(rl)
-        if lease is not None and lease.limit != limit:
+        if lease is not None and lease.limit is not limit and lease.limit != limit:
             self._retire(rl, lease)  # a new tier factor or a reload: the old lease goes now
             lease = None
         if lease is None:
@@ -373,18 +394,9 @@ class RateLimiter:
         tokens = None
         if limit.tokens_per_minute and lease.tokens_left >= 0:
             tokens = Tokens(limit.tokens_per_minute, *lease.shown_tokens(now))
-        return LimitResult(
-            allowed=True,
-            would_allow=True,
-            limit=limit.requests_per_minute,
-            remaining=lease.shown_remaining(now),
-            reset_s=lease.shown_reset(now),
-            retry_after_s=0.0,
-            reason=None,
-            slot=handle,
-            mode="redis",
-            tokens=tokens,
-        )
+        remaining, reset_s = lease.shown_remaining(now), lease.shown_reset(now)
+        rpm = limit.requests_per_minute
+        return LimitResult(True, True, rpm, remaining, reset_s, 0.0, None, handle, "redis", tokens)
 
     async def _fetch(
         self, rl: str, lease: Lease, want: int, slots: int, *, background: bool = False
@@ -582,27 +594,37 @@ class RateLimiter:
         )
 
     async def release(self, result: LimitResult) -> None:
+        """Free the result's concurrency slot where it was taken (``free``), and wait for the
+        Redis call when one is needed. Safe to call twice."""
+        pending = self.free(result)
+        if pending is not None:
+            await pending
+
+    def free(self, result: LimitResult) -> Awaitable[None] | None:
         """Free the result's concurrency slot where it was taken. Safe to call twice.
 
-        If Redis cannot answer, the slot is no longer refreshed and its lease runs out.
+        A slot that goes back to this replica's pool, or to its local count, is free when this
+        returns (None: nothing to wait for). A slot held in Redis is queued for one call shared
+        by the releases of this loop turn, and what is returned completes when that call is
+        done. If Redis cannot answer, the slot is no longer refreshed and its lease runs out.
         """
         slot = result.slot
         if slot is None:
-            return
+            return None
         if result.mode == "local":
             self._local.release(slot)
-            return
+            return None
         lent = self._lent.pop(slot, None)
         if lent is not None:
             rl, lease, member = lent
             if self._leases.get(rl) is lease and member in lease.owned:
                 lease.free.append(member)  # back to the pool: no call
                 lease.idle_since = time.monotonic()
-                return
+                return None
             slot = member  # its lease was dropped: free the slot in Redis
         cc = self._held.pop(slot, None)
         if cc is None:
-            return
+            return None
         if self._release_batch is None:
             # Releases that end in the same loop turn share one Redis call.
             self._release_batch = ([], [], asyncio.get_running_loop().create_future())
@@ -610,7 +632,7 @@ class RateLimiter:
         keys, slots, done = self._release_batch
         keys.append(cc)
         slots.append(slot)
-        await asyncio.shield(done)
+        return asyncio.shield(done)
 
     async def _flush_releases(self) -> None:
         batch, self._release_batch = self._release_batch, None
