@@ -118,7 +118,7 @@ def request_head(
 
 class Answer:
     """One upstream answer: its head (``status``, ``reason``, ``headers``), then its body piece
-    by piece. The protocol of its own parser, so nothing of an earlier answer can leak in."""
+    by piece. Filled by its connection's parser callbacks; read by the caller."""
 
     __slots__ = (
         "_buffered",
@@ -126,14 +126,12 @@ class Answer:
         "_conn",
         "_error",
         "_head",
-        "_head_only",
-        "_informational",
-        "_parser",
         "_raw",
         "_released",
         "_waiter",
         "content_length",
         "done",
+        "head_only",
         "headers",
         "keep_alive",
         "reason",
@@ -143,16 +141,14 @@ class Answer:
 
     def __init__(self, conn: Connection, head_only: bool) -> None:
         self._conn = conn
-        self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[None] = conn.loop.create_future()
-        self._head_only = head_only
         self._raw: list[tuple[str, str]] = []
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
-        self._informational = False
         self._released = False
+        self.head_only = head_only
         self.status = 0
         self.reason = ""
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
@@ -161,70 +157,30 @@ class Answer:
         self.done = False  # it ended cleanly
         self.keep_alive = False
 
-    # -------------------------------------------------------------- parser callbacks
+    # -------------------------------------------------------------- the connection's side
 
-    def on_message_begin(self) -> None:
-        if self.done:  # bytes after the answer: the connection is not kept
-            self.keep_alive = False
-
-    def on_status(self, status: bytes) -> None:
-        self.reason += status.decode("latin-1")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.done:
-            self._raw.append(
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            )
-
-    def on_headers_complete(self) -> None:
-        if self.done:
-            return
-        status = self._parser.get_status_code()
-        if 100 <= status < 200:  # an interim answer (103 Early Hints): the real one follows
-            self._informational = True
-            self._raw = []
-            self.reason = ""
-            return
+    def head_arrived(self, status: int) -> None:
         self.status = status
         self.headers = CIMultiDictProxy(CIMultiDict(self._raw))
         length = self.headers.get("content-length")
         if length is not None and length.isdigit():
             self.content_length = int(length)
-        if self._head_only:
+        if self.head_only:
             self.done = True  # a HEAD answer has no body, whatever its headers say
-            self._conn.answer_ended()
         if not self._head.done():
             self._head.set_result(None)
 
-    def on_body(self, body: bytes) -> None:
-        if self.done:
-            return
+    def body_arrived(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
         self._wake()
         if self._buffered >= HIGH_WATER:
             self._conn.pause_reading()
 
-    def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
-        if self.done:
-            return
+    def ended(self, keep_alive: bool) -> None:
         self.done = True
-        self.keep_alive = not self._head_only and self._parser.should_keep_alive()
-        self._conn.answer_ended()
+        self.keep_alive = keep_alive and not self.head_only
         self._wake()
-
-    # -------------------------------------------------------------- the connection's side
-
-    def feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.fail(BadAnswer("the upstream switched protocols unasked"))
-        except httptools.HttpParserError as exc:
-            self.fail(BadAnswer(f"the upstream's answer is not valid HTTP: {exc}"))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.done or self._error is not None:
@@ -317,7 +273,12 @@ _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 class Connection(asyncio.Protocol):
-    """One keep-alive connection to an origin; at most one answer in flight."""
+    """One keep-alive connection to an origin, at most one answer in flight, and the protocol
+    of the connection's one parser (made once: a parser costs more to make than to run).
+
+    The timeouts run on one lazy timer: it is set no later than the current deadline and, when
+    it fires early, moved to the deadline as it stands then, so a request on a busy connection
+    costs no timer of its own."""
 
     def __init__(self, pool: UpstreamPool, origin: Origin, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
@@ -327,10 +288,14 @@ class Connection(asyncio.Protocol):
         self.answer: Answer | None = None
         self.closed = False
         self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._informational = False
         self._paused = False
         self._write_paused = False
+        self._sent_at = 0.0  # when the request's last byte was handed over; 0: not yet
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._first_byte_s = 0.0
         self._idle_s = 0.0
 
@@ -341,22 +306,26 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         answer = self.answer
-        if answer is None:  # nothing was asked: an upstream talking out of turn is dropped
+        if answer is None or answer.done:  # nothing asked: an upstream out of turn is dropped
             self.close()
             return
         self._last_read = self.loop.time()
-        first = not answer.started
-        answer.started = True
-        answer.feed(data)
-        if first and not answer.done and self.answer is answer:
-            self._arm(self._idle_s)
+        if not answer.started:
+            answer.started = True
+            self._watch(self._last_read + self._idle_s)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            answer.fail(BadAnswer("the upstream switched protocols unasked"))
+        except httptools.HttpParserError as exc:
+            answer.fail(BadAnswer(f"the upstream's answer is not valid HTTP: {exc}"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: a half-closed upstream answers nothing more
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._disarm()
+        self._stop_timer()
         self.pool.forget(self)
         if self.answer is not None:
             self.answer.connection_lost(exc)
@@ -366,8 +335,52 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self.answer is not None and not self.answer.started and self._timer is None:
-            self._arm(self._first_byte_s)  # the request's last byte is out: start the clock
+        if self.answer is not None and not self._sent_at:
+            self._sent()  # the request's last byte is out: start the clock
+
+    # -------------------------------------------------------------- parser callbacks
+
+    def on_message_begin(self) -> None:
+        answer = self.answer
+        if answer is not None and answer.done:  # a second answer to one request
+            answer.keep_alive = False
+            self.close()
+
+    def on_status(self, status: bytes) -> None:
+        if self.answer is not None:
+            self.answer.reason += status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        answer = self.answer
+        if answer is not None and not answer.done:
+            answer._raw.append(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            )
+
+    def on_headers_complete(self) -> None:
+        answer = self.answer
+        if answer is None or answer.done:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (103 Early Hints): the real one follows
+            self._informational = True
+            answer._raw = []
+            answer.reason = ""
+            return
+        answer.head_arrived(status)
+
+    def on_body(self, body: bytes) -> None:
+        answer = self.answer
+        if answer is not None and not answer.done:
+            answer.body_arrived(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        answer = self.answer
+        if answer is not None and not answer.done:
+            answer.ended(self._parser.should_keep_alive())
 
     # -------------------------------------------------------------- one exchange
 
@@ -379,17 +392,19 @@ class Connection(asyncio.Protocol):
         assert transport is not None and self.answer is None
         answer = self.answer = Answer(self, head_only)
         self._first_byte_s, self._idle_s = first_byte_s, idle_s
+        self._sent_at = 0.0
         if len(body) <= 16384:
             transport.write(head + body if body else head)
         else:
             transport.write(head)
             transport.write(body)
         if not self._write_paused:
-            self._arm(first_byte_s)
+            self._sent()
         return answer
 
-    def answer_ended(self) -> None:
-        self._disarm()
+    def _sent(self) -> None:
+        self._sent_at = self.loop.time()
+        self._watch(self._sent_at + min(self._first_byte_s, self._idle_s))
 
     def reuse(self) -> None:
         self.answer = None
@@ -397,7 +412,7 @@ class Connection(asyncio.Protocol):
         self.pool.put(self)
 
     def close(self) -> None:
-        self._disarm()
+        self._stop_timer()
         if not self.closed:
             self.closed = True
             if self.transport is not None:
@@ -416,11 +431,14 @@ class Connection(asyncio.Protocol):
             self._last_read = self.loop.time()  # silence while paused was not the upstream's
             self.transport.resume_reading()
 
-    def _arm(self, delay: float) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(delay, self._on_timer)
+    def _watch(self, deadline: float) -> None:
+        """Have the timer fire no later than ``deadline``."""
+        if self._timer is None or self._timer_at > deadline:
+            self._stop_timer()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
-    def _disarm(self) -> None:
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -428,19 +446,22 @@ class Connection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         answer = self.answer
-        if answer is None or answer.done:
-            return
+        if answer is None or answer.done or not self._sent_at:
+            return  # nothing awaited (a write still draining re-arms when it is out)
+        now = self.loop.time()
         if not answer.started:
-            answer.fail(FirstByteTimeout("the upstream sent no byte in time"))
-            return
-        if self._paused:  # the client is slow, not the upstream
-            self._arm(self._idle_s)
-            return
-        silent = self.loop.time() - self._last_read
-        if silent >= self._idle_s:
-            answer.fail(IdleTimeout("the upstream went silent mid-answer"))
+            deadline = self._sent_at + self._first_byte_s
+            timeout: TimeoutError = FirstByteTimeout("the upstream sent no byte in time")
+        elif self._paused:  # the client is slow, not the upstream
+            deadline = now + self._idle_s
+            timeout = IdleTimeout("")
         else:
-            self._arm(self._idle_s - silent)
+            deadline = self._last_read + self._idle_s
+            timeout = IdleTimeout("the upstream went silent mid-answer")
+        if now >= deadline:
+            answer.fail(timeout)
+        else:
+            self._watch(deadline)
 
 
 class UpstreamPool:
