@@ -5,6 +5,10 @@ low-level ``web.Server`` handler under a ``ServerRunner``, one shared client ses
 ``proxy.dataplane.forward.make_session``, the answer streamed back chunk by chunk), so the
 difference measured against it is the cost of enforcement and nothing else.
 
+``--client pool`` forwards with access-proxy's own upstream client
+(``proxy.dataplane.client.UpstreamPool``) instead of aiohttp's: the same bare pass-through on the
+proxy's forward path, so the cost of enforcement alone can be read against it.
+
 Run: ``python benchmarks/baseline_proxy.py --port 8081 --upstream http://127.0.0.1:8089``.
 """
 
@@ -21,6 +25,7 @@ from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from proxy import eventloop
+from proxy.dataplane.client import UpstreamPool
 from proxy.dataplane.forward import make_session
 
 _HOP_BY_HOP = frozenset(
@@ -75,10 +80,49 @@ class Baseline:
             upstream_resp.release()
 
 
-async def serve(host: str, port: int, upstream: str) -> None:
+class PoolBaseline:
+    """The same pass-through on access-proxy's upstream client."""
+
+    def __init__(self, upstream: str, pool: UpstreamPool) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.pool = pool
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            answer = await self.pool.request(
+                self.upstream,
+                request.method,
+                request.raw_path,
+                _pass_through(request.headers).items(),
+                body,
+                connect_s=5.0,
+                first_byte_s=120.0,
+                idle_s=60.0,
+            )
+        except OSError:
+            return web.Response(status=502, text="upstream unreachable")
+        try:
+            response = web.StreamResponse(status=answer.status, reason=answer.reason or None)
+            response.headers.update(_pass_through(answer.headers))
+            await response.prepare(request)
+            while chunk := await answer.read_some():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            answer.release()
+
+
+async def serve(host: str, port: int, upstream: str, client: str) -> None:
     session = make_session()
-    baseline = Baseline(upstream, session)
-    server = web.Server(baseline.handle, handler_cancellation=True)
+    pool = UpstreamPool()
+    handler = (
+        PoolBaseline(upstream, pool).handle
+        if client == "pool"
+        else Baseline(upstream, session).handle
+    )
+    server = web.Server(handler, handler_cancellation=True)
     runner = web.ServerRunner(server, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
@@ -91,6 +135,7 @@ async def serve(host: str, port: int, upstream: str) -> None:
     await stop.wait()
     await runner.cleanup()
     await session.close()
+    await pool.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8089")
+    parser.add_argument(
+        "--client", choices=("aiohttp", "pool"), default="aiohttp", help="the upstream client"
+    )
     args = parser.parse_args(argv)
-    eventloop.run(serve(args.host, args.port, args.upstream))
+    eventloop.run(serve(args.host, args.port, args.upstream, args.client))
     return 0
 
 

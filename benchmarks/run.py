@@ -105,18 +105,22 @@ TARGETS = {"throughput_ratio_min": 0.9, "decide_us_max": 20.0, "revocation_p99_m
 @dataclass(frozen=True, slots=True)
 class Case:
     """One throughput case. ``kind`` is ``upstream``, ``baseline`` or ``proxy``; a proxy case
-    runs its own access-proxy process with ``config`` merged over the benchmark's config."""
+    runs its own access-proxy process with ``config`` merged over the benchmark's config, a
+    baseline case ``baseline_proxy.py`` with ``args``."""
 
     name: str
     kind: str
     config: Mapping[str, Any] = field(default_factory=dict)
     workers: int = 1  # a proxy case's `serve --workers N`
+    args: tuple[str, ...] = ()  # a baseline case's arguments
 
 
 # Adding a case is one line here.
 CASES: tuple[Case, ...] = (
     Case("upstream", "upstream"),
     Case("baseline", "baseline"),
+    # The same bare pass-through on access-proxy's upstream client: the forward path alone.
+    Case("baseline-pool", "baseline", args=("--client", "pool")),
     Case("access-proxy", "proxy"),
     Case("access-proxy+rate-limit", "proxy", {"rate_limits": {"enabled": True}}),
     # The same limits with a Redis call per request (no leases), for comparison.
@@ -426,23 +430,25 @@ async def started(settings: Settings) -> AsyncIterator[Bench]:
         bench.seeded = await seed(writes, peppers)
         bench.urls["upstream"] = upstream_url
 
-        baseline_port = free_port()
-        procs.spawn(
-            "baseline",
-            [
-                sys.executable,
-                str(HERE / "baseline_proxy.py"),
-                "--port",
-                str(baseline_port),
-                "--upstream",
-                upstream_url,
-            ],
-        )
-        await procs.wait_listening("baseline", baseline_port)
-        bench.urls["baseline"] = f"http://127.0.0.1:{baseline_port}"
-
         for case in CASES:
-            if case.kind == "proxy":
+            if case.kind == "baseline":
+                port = free_port()
+                script = str(HERE / "baseline_proxy.py")
+                procs.spawn(
+                    case.name,
+                    [
+                        sys.executable,
+                        script,
+                        "--port",
+                        str(port),
+                        "--upstream",
+                        upstream_url,
+                        *case.args,
+                    ],
+                )
+                await procs.wait_listening(case.name, port)
+                bench.urls[case.name] = f"http://127.0.0.1:{port}"
+            elif case.kind == "proxy":
                 bench.urls[case.name] = await start_proxy(
                     bench, case.name, case.config, case.workers
                 )
@@ -529,7 +535,7 @@ async def throughput(bench: Bench, log: Any) -> list[dict[str, Any]]:
                 one = await measure(bench, case, c, s.duration_s)
                 samples.setdefault((case.name, c), []).append(one)
                 log(
-                    f"  round {r + 1}/{s.rounds} c={c:<3} {case.name:<16} "
+                    f"  round {r + 1}/{s.rounds} c={c:<3} {case.name:<36} "
                     f"{one['rps']:>9.0f} req/s  p50 {one['p50_ms']:.2f} ms  "
                     f"p99 {one['p99_ms']:.2f} ms"
                     + (f"  errors {one['errors']}" if one["errors"] else "")
@@ -555,7 +561,8 @@ async def throughput(bench: Bench, log: Any) -> list[dict[str, Any]]:
     base = {r["concurrency"]: r["rps"] for r in rows if r["case"] == BASELINE}
     for row in rows:
         b = base.get(row["concurrency"])
-        row["ratio_to_baseline"] = row["rps"] / b if row["kind"] == "proxy" and b else None
+        compared = row["kind"] != "upstream" and row["case"] != BASELINE
+        row["ratio_to_baseline"] = row["rps"] / b if compared and b else None
     return rows
 
 
@@ -744,13 +751,13 @@ def render(result: Mapping[str, Any]) -> str:
         f"load: {result['load_generator']}; upstream: {result['upstream']}",
         f"{s['rounds']} round(s) x {s['duration_s']:g} s per case, cases alternated; medians",
         "",
-        f"{'conc':>4}  {'case':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'conc':>4}  {'case':<36} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'ratio/baseline':>15} {'cpu us/req':>11} {'errors':>7}",
     ]
     for row in result["throughput"]:
         ratio = row["ratio_to_baseline"]
         lines.append(
-            f"{row['concurrency']:>4}  {row['case']:<16} {row['rps']:>9.0f} "
+            f"{row['concurrency']:>4}  {row['case']:<36} {row['rps']:>9.0f} "
             f"{row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
             f"{(f'{ratio:.2f}' if ratio is not None else '-'):>15} "
             f"{(f'{cpu:.0f}' if (cpu := row.get('cpu_us_per_request')) else '-'):>11} "
