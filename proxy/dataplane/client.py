@@ -545,7 +545,9 @@ class UpstreamPool:
         oldest = self._loop_time() - self.keepalive_s
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.idle_since > oldest:
+            transport = conn.transport
+            alive = not conn.closed and transport is not None and not transport.is_closing()
+            if alive and conn.idle_since > oldest:
                 return conn
             self._drop(conn)
         return None

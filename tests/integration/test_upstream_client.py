@@ -250,45 +250,45 @@ async def test_line_break_in_a_header_is_refused_before_sending(raw_server, pool
 
 
 @pytest.mark.parametrize(
-    "sent",
+    ("sent", "error"),
     [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
-        b"HTTP/1.1 200 OK\r\nContent-Le",
-        b"",
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", UpstreamClosed),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", UpstreamClosed),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", UpstreamClosed),
+        (b"", UpstreamClosed),
+        (b"NOT HTTP AT ALL\r\n\r\n", BadAnswer),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", BadAnswer),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", BadAnswer),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", BadAnswer),
     ],
-    ids=["short-length", "cut-chunk", "cut-head", "nothing"],
+    ids=[
+        "short-length",
+        "cut-chunk",
+        "cut-head",
+        "nothing",
+        "garbage",
+        "two-lengths",
+        "bad-chunk",
+        "unasked-upgrade",
+    ],
 )
-async def test_close_before_the_end_is_an_error(raw_server, pool, sent: bytes) -> None:
+async def test_a_broken_answer_is_an_error(
+    raw_server, pool, sent: bytes, error: type[Exception]
+) -> None:
+    """Closed before the end: ``UpstreamClosed``; framing the parser refuses: ``BadAnswer``.
+    Either way the connection is not kept."""
+
     async def script(r, w, n):
         w.write(sent)
         await w.drain()
-        w.close()
+        if error is UpstreamClosed:
+            w.close()
 
     server = await raw_server(script)
-    with pytest.raises(UpstreamClosed):
+    with pytest.raises(error):
         answer = await ask(pool, server.url)
         await answer.read()
-
-
-@pytest.mark.parametrize(
-    "sent",
-    [
-        b"NOT HTTP AT ALL\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-    ],
-    ids=["garbage", "two-lengths", "bad-chunk", "unasked-upgrade"],
-)
-async def test_broken_framing_is_an_error(raw_server, pool, sent: bytes) -> None:
-    async def script(r, w, n):
-        w.write(sent)
-
-    server = await raw_server(script)
-    with pytest.raises(BadAnswer):
-        answer = await ask(pool, server.url)
-        await answer.read()
+    assert not pool._idle.get(origin_of(server.url))
 
 
 async def test_bytes_after_the_answer_drop_the_connection(raw_server, pool) -> None:
