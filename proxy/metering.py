@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError, ResponseError
 
-from proxy import metrics
+from proxy import fastjson, metrics
 from proxy.background import Backoff, Task
 from proxy.config import Pricing
 from proxy.store.usage import UsageDelta, UsageStore, day_of
@@ -177,7 +177,7 @@ def _from_sse(data: bytes) -> Usage | None:
         ]
         payload = b"\n".join(lines)
         try:
-            obj = json.loads(payload)
+            obj = fastjson.loads(payload)
         except ValueError:
             continue
         found = _from_answer(obj)
@@ -196,7 +196,7 @@ def extract_usage(captured: bytes, is_stream: bool, whole: bool = True) -> Usage
     if not whole or len(captured) > WHOLE_PARSE_BYTES:
         return _probe_large_json(captured)
     try:
-        obj = json.loads(captured)
+        obj = fastjson.loads(captured)
     except ValueError:
         return None
     return _from_answer(obj)

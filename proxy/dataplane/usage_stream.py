@@ -16,6 +16,7 @@ import json
 import re
 from typing import Any
 
+from proxy import fastjson
 from proxy.dataplane.codings import Decoder, Emit, decoder_for
 
 CHAT_COMPLETIONS = "/chat/completions"
@@ -94,7 +95,7 @@ def rewrite_event(event: bytes) -> bytes:
         lines[data_at[0]] = line[:at] + b"}" + line[at + len(_LAST_NULL_USAGE) :]
         return b"".join(lines)
     try:
-        obj = json.loads(payload)
+        obj = fastjson.loads(payload)
     except ValueError:
         return event
     if not isinstance(obj, dict) or "usage" not in obj:

@@ -9,7 +9,7 @@ fields (and as JSON if it is a JSON object), anything else as JSON (``model`` an
 ``POST /v1/files`` with purpose ``batch`` also names every line's model; ``POST /v1/batches``
 names its ``input_file_id``, which the data plane resolves from the upload's record.
 
-A plain JSON chat body costs one ``json.loads`` and a few byte scans; the parsed object is
+A plain JSON chat body costs one JSON parse and a few byte scans; the parsed object is
 handed back (``Named.doc``) so later steps do not parse it again.
 """
 

@@ -1,9 +1,10 @@
 """JSON request bodies: parsed once, nesting bounded, duplicate keys refused where they matter.
 
-The fast path is one ``json.loads``. Python keeps the last of duplicate keys and another parser
-may keep the first, so a body in which a model key could be duplicated (the raw text holds more
-``"model"`` keys than the parsed object shows, or an escaped ASCII letter such as ``\\u006d``
-that could spell one) is parsed again strictly, and any duplicate key is refused.
+The fast path is one parse (``proxy.fastjson``: what ``json.loads`` reads, faster). It keeps the
+last of duplicate keys and another parser may keep the first, so a body in which a model key
+could be duplicated (the raw text holds more ``"model"`` keys than the parsed object shows, or an
+escaped ASCII letter such as ``\\u006d`` that could spell one) is parsed again strictly, and any
+duplicate key is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from proxy import fastjson
 from proxy.surfaces.errors import invalid
 
 MAX_DEPTH = 64
@@ -36,7 +38,7 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def loads(body: bytes, *, strict: bool = False) -> Any:
     """The JSON value of ``body``; strict: duplicate keys refused. Always depth-bounded."""
     try:
-        doc = json.loads(body, object_pairs_hook=_unique_pairs) if strict else json.loads(body)
+        doc = json.loads(body, object_pairs_hook=_unique_pairs) if strict else fastjson.loads(body)
     except _DuplicateKey as exc:
         raise invalid(f"The JSON body has the key {exc.args[0]!r} more than once.") from None
     except RecursionError:

@@ -66,7 +66,7 @@ def check_complete(result: dict[str, Any]) -> None:
         assert row["requests"] > 0, row
         assert row["errors"] == 0, row
         assert row["p50_ms"] is not None and row["p99_ms"] >= row["p50_ms"], row
-        if case.startswith("access-proxy"):
+        if case.startswith("access-proxy") or case == "baseline-pool":
             assert row["ratio_to_baseline"] is not None and row["ratio_to_baseline"] > 0
         else:
             assert row["ratio_to_baseline"] is None
