@@ -26,6 +26,7 @@ from proxy.background import Task, every
 from proxy.config import Config
 from proxy.dataplane.admission import Admitter
 from proxy.dataplane.app import DataPlane, Hooks
+from proxy.dataplane.client import UpstreamPool
 from proxy.dataplane.flags import FlagRecorder
 from proxy.dataplane.forward import make_session
 from proxy.dataplane.protocol import DataServer
@@ -147,7 +148,8 @@ class Proxy:
             self.writes, lambda: live.current.config.misuse, lambda: live.current.config.version
         )
         self.flags.start()
-        self.session = make_session()
+        self.session = make_session()  # WebSocket upstreams and the classifier
+        self.pool = UpstreamPool()  # every other upstream request
         # Open WebSocket sessions are decided again on every eviction and config swap.
         self.sessions = Sessions(self.holder, self.entitlements, self.session)
         self.subscriber.listeners.append(self.sessions.facts_evicted)
@@ -173,7 +175,7 @@ class Proxy:
             self.holder,
             self.entitlements,
             self.peppers,
-            self.session,
+            self.pool,
             hooks,
             self.meter,
             BatchFiles(self.admin_redis),
@@ -274,6 +276,7 @@ class Proxy:
         await self.limiter.stop()
         await self.subscriber.stop()
         await self.session.close()
+        await self.pool.close()
         await asyncio.to_thread(self.access_log.stop)
         if self.migration is not None:
             self.migration.cancel()

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -25,13 +24,8 @@ from proxy import accesslog, identity, metrics
 from proxy.config import Config
 from proxy.dataplane import headers as hdrs
 from proxy.dataplane.batches import upload_batch_file
-from proxy.dataplane.forward import (
-    ForwardResult,
-    UpstreamError,
-    client_timeout,
-    forward,
-    upstream_errors,
-)
+from proxy.dataplane.client import UpstreamPool
+from proxy.dataplane.forward import ForwardResult, UpstreamError, forward, read_answer, send
 from proxy.dataplane.usage_stream import wants_usage_added, with_usage_asked
 from proxy.errors import CODES, DEFAULT_BODIES, error_json
 from proxy.metering import Meter
@@ -190,7 +184,7 @@ class DataPlane:
         holder: Holder,
         entitlements: Entitlements,
         peppers: identity.Peppers,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         hooks: Hooks | None = None,
         meter: Meter | None = None,
         batch_files: BatchFiles | None = None,
@@ -200,7 +194,7 @@ class DataPlane:
         self.access_log = access_log
         self.entitlements = entitlements
         self.peppers = peppers
-        self.session = session
+        self.pool = pool
         self.hooks = hooks or Hooks()
         self.meter = meter
         self.batch_files = batch_files
@@ -448,7 +442,7 @@ class DataPlane:
         try:
             result = await forward(
                 ex.request,
-                session=self.session,
+                pool=self.pool,
                 upstream=ex.cfg.upstreams[ex.upstream],
                 url_path=ex.url_path,
                 body=ex.body,
@@ -502,7 +496,7 @@ class DataPlane:
         try:
             response = await upload_batch_file(
                 method=ex.request.method,
-                session=self.session,
+                pool=self.pool,
                 upstream=ex.cfg.upstreams[ex.upstream],
                 url_path=ex.url_path,
                 body=ex.body,
@@ -530,14 +524,9 @@ class DataPlane:
         upstream = cfg.upstreams[ex.upstream]
         ex.program = "none"
         try:
-            with upstream_errors():
-                async with self.session.get(
-                    upstream.url + ex.url_path,
-                    headers=out_headers,
-                    timeout=client_timeout(upstream.timeouts),
-                ) as resp:
-                    raw = await resp.read()
-                    status = resp.status
+            answer = await send(self.pool, upstream, "GET", ex.url_path, out_headers, b"")
+            raw = await read_answer(answer)
+            status = answer.status
         except UpstreamError as exc:
             return self._answer(ex, exc.code)
         entry = accesslog.current.get()

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.config import Upstream
-from proxy.dataplane.forward import UpstreamError, client_timeout, upstream_errors
+from proxy.dataplane.client import UpstreamPool
+from proxy.dataplane.forward import UpstreamError, read_answer, send
 from proxy.dataplane.headers import copy_response_headers
 from proxy.store.batchfiles import BatchFiles
 
@@ -24,7 +23,7 @@ MAX_ANSWER_BYTES = 1 << 20
 async def upload_batch_file(
     *,
     method: str,
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     upstream: Upstream,
     url_path: str,
     body: bytes,
@@ -39,23 +38,19 @@ async def upload_batch_file(
 
     Raises ``UpstreamError`` (no answer) and ``BatchFilesUnavailable`` (not recorded).
     """
-    with upstream_errors():
-        async with session.request(
-            method,
-            URL(upstream.url + url_path, encoded=True),
-            data=body,
-            headers=headers,
-            allow_redirects=False,
-            timeout=client_timeout(upstream.timeouts),
-        ) as resp:
-            answer = await resp.content.read(MAX_ANSWER_BYTES + 1)
-            status, reason, upstream_headers = resp.status, resp.reason, resp.headers
+    upstream_answer = await send(pool, upstream, method, url_path, headers, body)
+    answer = await read_answer(upstream_answer, MAX_ANSWER_BYTES)
+    status, reason, upstream_headers = (
+        upstream_answer.status,
+        upstream_answer.reason,
+        upstream_answer.headers,
+    )
     if len(answer) > MAX_ANSWER_BYTES:
         raise UpstreamError("upstream_unavailable", "the upload's answer is too large")
     file_id = _file_id(answer) if 200 <= status < 300 else None
     if file_id is not None:
         await store.record(file_id, models, workspace)
-    response = web.Response(status=status, reason=reason, body=answer)
+    response = web.Response(status=status, reason=reason or None, body=answer)
     copy_response_headers(upstream_headers, response.headers, strip=strip_response_headers)
     response.headers.pop("content-length", None)
     response.headers.update(extra_response_headers)

@@ -1,22 +1,18 @@
 """Sending an allowed request upstream and streaming the answer back (SPEC §3.5).
 
-One shared :class:`aiohttp.ClientSession` serves every upstream. Bytes are relayed as they
-arrive, never decoded or buffered: no decompression, no cookie jar, no headers added by the
-client library, no redirects followed. The meter reads a bounded, decoded side copy
+One :class:`proxy.dataplane.client.UpstreamPool` serves every upstream. Bytes are relayed as they
+arrive, never decoded or buffered: no decompression, no cookies, no headers added but ``Host`` and
+``Content-Length``, no redirects followed. The meter reads a bounded, decoded side copy
 (``proxy.dataplane.capture``). The one exception to "as sent": a chat stream whose usage the
 proxy asked for on the client's behalf, edited back event by event (``usage_stream``).
 
-Timeouts, each independent of the others:
-
-- connect (``connect_s``): name resolution and TCP/TLS connect. Expiry → 504 ``upstream_timeout``;
-  a refused or unreachable connect → 502 ``upstream_unavailable``.
-- time to first byte (``first_byte_s``): from the request being written until the upstream's
-  first byte. It is aiohttp's ``sock_read`` while the response head is awaited. Expiry → 504.
-- idle between chunks (``idle_s``): once the response head has arrived, ``sock_read`` on the
-  connection is switched to ``idle_s``, so it measures silence from the upstream and nothing else
-  (aiohttp stops it while this side is not reading). Expiry after the client response has started
-  closes the client connection without the end of the body, so the client sees a truncated
-  response rather than a clean end.
+Timeouts, each independent of the others, are run by the pool's connections
+(``proxy.dataplane.client``): connect (``connect_s``: expiry → 504 ``upstream_timeout``, a refused
+or unreachable connect → 502 ``upstream_unavailable``), time to first byte (``first_byte_s``,
+from the request being written: expiry → 504) and idle between chunks (``idle_s``, silence from
+the upstream while this side reads). An idle expiry after the client response has started closes
+the client connection without the end of the body, so the client sees a truncated response
+rather than a clean end.
 
 Before the client response starts every failure raises :class:`UpstreamError`, and the caller
 writes the error body: 504 ``upstream_timeout`` only when one of the timeouts expired; an upstream
@@ -33,20 +29,18 @@ and ``forward`` returns ``completed=False``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import StreamReader, hdrs, web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
-from proxy.config import Timeouts, Upstream
+from proxy.config import Upstream
 from proxy.dataplane.capture import Capture
+from proxy.dataplane.client import Answer, ConnectTimeout, InvalidHeader, UpstreamPool
 from proxy.dataplane.codings import DecodeError
 from proxy.dataplane.headers import copy_response_headers
 from proxy.dataplane.usage_stream import UsageHider
@@ -84,11 +78,38 @@ def upstream_errors() -> Iterator[None]:
         yield
     except UpstreamError:
         raise
+    except InvalidHeader as exc:
+        raise UpstreamError("invalid_request", str(exc), client_message=str(exc)) from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "first byte"
+        connect = isinstance(exc, ConnectTimeout | aiohttp.ConnectionTimeoutError)
+        phase = "connect" if connect else "first byte"
         raise UpstreamError("upstream_timeout", f"upstream {phase} timed out") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamError("upstream_unavailable", "upstream unreachable") from exc
+
+
+async def send(
+    pool: UpstreamPool,
+    upstream: Upstream,
+    method: str,
+    url_path: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+) -> Answer:
+    """Send a request to ``upstream`` under its timeouts and wait for the answer's head; the
+    caller reads the body and releases the answer. Raises :class:`UpstreamError`."""
+    timeouts = upstream.timeouts
+    with upstream_errors():
+        return await pool.request(
+            upstream.url,
+            method,
+            url_path,
+            headers.items(),
+            body,
+            connect_s=timeouts.connect_s,
+            first_byte_s=timeouts.first_byte_s,
+            idle_s=timeouts.idle_s,
+        )
 
 
 @dataclass(slots=True)
@@ -106,7 +127,8 @@ class ForwardResult:
 
 
 def make_session(*, limit: int = 0, keepalive_timeout: float = 30.0) -> aiohttp.ClientSession:
-    """The one client session for every upstream; ``limit=0`` puts no cap on connections."""
+    """The client session for WebSocket upstreams and the classifier (plain requests go through
+    :class:`UpstreamPool`); ``limit=0`` puts no cap on connections."""
     connector = aiohttp.TCPConnector(
         limit=limit,
         limit_per_host=0,
@@ -123,30 +145,6 @@ def make_session(*, limit: int = 0, keepalive_timeout: float = 30.0) -> aiohttp.
     )
 
 
-@functools.lru_cache(maxsize=64)
-def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    # sock_read bounds the wait for the response head; the body gets idle_s (see module doc).
-    return aiohttp.ClientTimeout(
-        total=None,
-        connect=timeouts.connect_s,
-        sock_connect=timeouts.connect_s,
-        sock_read=timeouts.first_byte_s,
-    )
-
-
-def _end_unfinished(content: StreamReader, closed: asyncio.Future[None]) -> None:
-    """End a body whose upstream connection closed before it did.
-
-    When the upstream breaks chunked framing mid-body, aiohttp's client closes the connection but
-    leaves the body waiting for data forever (no timeout runs on a closed connection); this makes
-    the next read fail instead, so the client's connection is cut rather than left hanging.
-    """
-    if not closed.cancelled():
-        closed.exception()  # retrieved: a lost connection is expected here, not an error
-    if not content.is_eof() and content.exception() is None:
-        content.set_exception(aiohttp.ClientPayloadError("upstream connection closed mid-body"))
-
-
 def _abort_client(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
@@ -156,7 +154,7 @@ def _abort_client(request: web.BaseRequest) -> None:
 async def forward(
     request: web.BaseRequest,
     *,
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     upstream: Upstream,
     url_path: str,
     body: bytes,
@@ -174,29 +172,16 @@ async def forward(
     goes through :class:`UsageHider`. Returns a prepared response the handler must return.
     Raises :class:`UpstreamError` when nothing has been sent to the client yet.
     """
-    timeouts = upstream.timeouts
     started = time.monotonic()
-    with upstream_errors():
-        upstream_resp = await session.request(
-            request.method,
-            URL(upstream.url + url_path, encoded=True),
-            data=body or None,
-            headers=headers,
-            allow_redirects=False,
-            timeout=client_timeout(timeouts),
-        )
+    answer = await send(pool, upstream, request.method, url_path, headers, body)
     ttfb = time.monotonic() - started
-
-    completed = False
     try:
-        content = upstream_resp.content
-        _watch_idle(upstream_resp, timeouts.idle_s)
-        upstream_headers = upstream_resp.headers
+        upstream_headers = answer.headers
         if on_upstream_headers is not None:
             on_upstream_headers(upstream_headers)
 
-        status = upstream_resp.status
-        response = web.StreamResponse(status=status, reason=upstream_resp.reason)
+        status = answer.status
+        response = web.StreamResponse(status=status, reason=answer.reason or None)
         copy_response_headers(upstream_headers, response.headers, strip=strip_response_headers)
         if extra_response_headers:
             response.headers.update(extra_response_headers)
@@ -212,62 +197,40 @@ async def forward(
         )
 
         # A small body of known length is usually in hand already: answer it in one write.
-        declared = _small_length(upstream_resp)
-        if declared is not None and hider is None and not is_stream:
-            whole = await _read_whole(content, declared)
+        small = answer.content_length is not None and answer.content_length <= WHOLE_BODY_BYTES
+        if small and not is_stream and hider is None:
+            whole = await read_answer(answer)
             response = web.Response(
-                status=status, reason=upstream_resp.reason, body=whole, headers=response.headers
+                status=status, reason=response.reason, body=whole, headers=response.headers
             )
-            completed = True
             capture.feed(whole)
             return _result(response, status, content_type, capture, len(whole), ttfb, True)
 
+        with upstream_errors():
+            answer.raise_if_broken()  # the whole answer came at once, broken: nothing sent yet
         try:
             await response.prepare(request)
         except ConnectionError:
             return _result(response, status, content_type, capture, 0, ttfb, False)
-        bytes_sent, completed = await _relay(request, content, response, capture, hider)
+        bytes_sent, completed = await _relay(request, answer, response, capture, hider)
         return _result(response, status, content_type, capture, bytes_sent, ttfb, completed)
     finally:
-        if completed:
-            upstream_resp.release()
-        else:
-            upstream_resp.close()
+        answer.release()  # pooled only when the answer ended cleanly
 
 
-def _small_length(upstream_resp: aiohttp.ClientResponse) -> int | None:
-    """The declared length of a body small enough for one write, else None."""
-    declared = upstream_resp.content_length
-    return declared if declared is not None and declared <= WHOLE_BODY_BYTES else None
-
-
-def _watch_idle(upstream_resp: aiohttp.ClientResponse, idle_s: float) -> None:
-    """Switch the connection's read timeout to ``idle_s`` for the body (see the module doc)."""
-    content = upstream_resp.content
-    connection = upstream_resp.connection
-    if connection is None or content.is_eof():
-        return
-    protocol = connection.protocol
-    if protocol is not None:
-        protocol.read_timeout = idle_s
-        protocol.start_timeout()
-        closed = protocol.closed
-        if closed is not None:
-            closed.add_done_callback(functools.partial(_end_unfinished, content))
-
-
-async def _read_whole(content: aiohttp.StreamReader, declared: int | None) -> bytes:
+async def read_answer(answer: Answer, limit: int | None = None) -> bytes:
+    """A whole body the client has not seen a byte of yet (a break is still an error answer),
+    and the answer released. Raises :class:`UpstreamError`."""
     try:
-        whole = await content.read()
+        return await answer.read(limit)
     except TimeoutError as exc:  # idle_s passed with the body unfinished
         raise UpstreamError("upstream_timeout", "upstream stalled mid-body", answered=True) from exc
-    except (aiohttp.ClientError, OSError) as exc:  # closed, reset or broken framing
+    except OSError as exc:  # closed, reset or broken framing
         raise UpstreamError(
             "upstream_unavailable", "upstream broke off mid-body", answered=True
         ) from exc
-    if len(whole) != declared:
-        raise UpstreamError("upstream_unavailable", "upstream closed mid-body", answered=True)
-    return whole
+    finally:
+        answer.release()
 
 
 def _side_copy(
@@ -319,7 +282,7 @@ def _result(
 
 async def _relay(
     request: web.BaseRequest,
-    content: aiohttp.StreamReader,
+    answer: Answer,
     response: web.StreamResponse,
     capture: Capture,
     hider: UsageHider | None,
@@ -328,8 +291,8 @@ async def _relay(
     bytes_sent = 0
     while True:
         try:
-            chunk = await content.readany()
-        except (TimeoutError, aiohttp.ClientError, OSError):
+            chunk = await answer.read_some()
+        except (TimeoutError, OSError):
             # Upstream went silent past idle_s or broke off mid-body.
             _abort_client(request)
             return bytes_sent, False

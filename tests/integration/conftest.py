@@ -26,6 +26,7 @@ from proxy import config
 from proxy.admin.api import AdminContext, admin_app
 from proxy.admin.client import TOKEN_ENV, URL_ENV
 from proxy.dataplane.app import DataPlane, Hooks
+from proxy.dataplane.client import UpstreamPool
 from proxy.identity import parse_peppers
 from proxy.snapshot import Holder
 from proxy.store.cache import FactCache
@@ -181,9 +182,11 @@ class Plane:
     session: aiohttp.ClientSession
     runner: web.ServerRunner
     redis: redis.asyncio.Redis
+    pool: UpstreamPool
 
     async def close(self) -> None:
         await self.session.close()
+        await self.pool.close()
         await self.runner.cleanup()
         await self.redis.aclose()
 
@@ -196,12 +199,13 @@ async def start_plane(redis_url: str, holder: Holder, hooks: Hooks | None = None
     entitlements = Entitlements(
         data_client, Gate(2.0, Breaker(3, 1.0)), FactCache(cfg.cache.max_entries)
     )
-    plane = DataPlane(holder, entitlements, parse_peppers(PEPPER), session, hooks)
+    pool = UpstreamPool()
+    plane = DataPlane(holder, entitlements, parse_peppers(PEPPER), pool, hooks)
     runner = web.ServerRunner(web.Server(plane.handle), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    return Plane(url, plane, session, runner, data_client)
+    return Plane(url, plane, session, runner, data_client, pool)
 
 
 async def run_cli(

@@ -14,7 +14,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import Timeouts, Upstream
-from proxy.dataplane.forward import ForwardResult, forward, make_session
+from proxy.dataplane.client import UpstreamPool
+from proxy.dataplane.forward import ForwardResult, forward
 from proxy.metering import Usage, extract_usage
 from proxy.mock_upstream import Compression
 
@@ -91,16 +92,16 @@ async def rig() -> AsyncIterator[Rig]:
     await up_runner.setup()
     await web.TCPSite(up_runner, "127.0.0.1", 0).start()
     target = Upstream("t", f"http://127.0.0.1:{up_runner.addresses[0][1]}", None, TIMEOUTS)
-    session = make_session()
+    pool = UpstreamPool()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         result = await forward(
             request,
-            session=session,
+            pool=pool,
             upstream=target,
             url_path=request.raw_path.replace("/hide", ""),
             body=b"",
-            headers=CIMultiDict(request.headers.items()),
+            headers=CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() != "host"),
             extra_response_headers=None,
             strip_response_headers=frozenset(),
             on_upstream_headers=None,
@@ -118,7 +119,7 @@ async def rig() -> AsyncIterator[Rig]:
     try:
         yield rig
     finally:
-        await session.close()
+        await pool.close()
         await runner.cleanup()
         await up_runner.cleanup()
 

@@ -24,12 +24,8 @@ from yarl import URL
 
 from proxy.config import Timeouts, Upstream
 from proxy.dataplane.capture import SSE_CAPTURE_BYTES, TAIL_BYTES
-from proxy.dataplane.forward import (
-    ForwardResult,
-    UpstreamError,
-    forward,
-    make_session,
-)
+from proxy.dataplane.client import UpstreamPool
+from proxy.dataplane.forward import ForwardResult, UpstreamError, forward
 from proxy.dataplane.headers import (
     downstream_response_headers,
     smuggling_error,
@@ -216,7 +212,7 @@ MakeProxy = Callable[..., Awaitable[Proxy]]
 
 @pytest.fixture
 async def make_proxy(serve: Serve) -> AsyncIterator[MakeProxy]:
-    sessions: list[aiohttp.ClientSession] = []
+    pools: list[UpstreamPool] = []
 
     async def go(
         upstream_url: str,
@@ -226,8 +222,8 @@ async def make_proxy(serve: Serve) -> AsyncIterator[MakeProxy]:
         handler_cancellation: bool = True,
         capture_limit: int = 1 << 20,
     ) -> Proxy:
-        session = make_session()
-        sessions.append(session)
+        pool = UpstreamPool()
+        pools.append(pool)
         upstream = Upstream(name="t", url=upstream_url, api_key_env=None, timeouts=timeouts)
         proxy = Proxy(url="", results=[], flags=[], handled=[])
 
@@ -248,7 +244,7 @@ async def make_proxy(serve: Serve) -> AsyncIterator[MakeProxy]:
             try:
                 result = await forward(
                     request,
-                    session=session,
+                    pool=pool,
                     upstream=upstream,
                     url_path=request.raw_path,
                     body=body,
@@ -288,8 +284,8 @@ async def make_proxy(serve: Serve) -> AsyncIterator[MakeProxy]:
         return proxy
 
     yield go
-    for session in sessions:
-        await session.close()
+    for pool in pools:
+        await pool.close()
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from multidict import CIMultiDict
 from prometheus_client import REGISTRY
 
 from proxy.config import Price, Pricing, Timeouts, Upstream
-from proxy.dataplane.forward import forward, make_session
+from proxy.dataplane.client import UpstreamPool
+from proxy.dataplane.forward import forward
 from proxy.metering import Meter
 from proxy.mock_upstream import MockUpstream
 from proxy.redis_server import RedisServer
@@ -83,7 +84,7 @@ async def start_rig(meter: Meter) -> tuple[Rig, list[Any]]:
     mock = MockUpstream()
     await mock.start()
     upstream = Upstream("models", mock.url, None, Timeouts(5.0, 5.0, 5.0))
-    upstream_session = make_session()
+    upstream_pool = UpstreamPool()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -93,7 +94,7 @@ async def start_rig(meter: Meter) -> tuple[Rig, list[Any]]:
                 headers.add(name, value)
         result = await forward(
             request,
-            session=upstream_session,
+            pool=upstream_pool,
             upstream=upstream,
             url_path=request.raw_path,
             body=body,
@@ -119,7 +120,7 @@ async def start_rig(meter: Meter) -> tuple[Rig, list[Any]]:
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     port = runner.addresses[0][1]
     rig = Rig(f"http://127.0.0.1:{port}", aiohttp.ClientSession(), meter)
-    return rig, [rig.session, runner, upstream_session, mock]
+    return rig, [rig.session, runner, upstream_pool, mock]
 
 
 async def close_all(parts: list[Any]) -> None:
