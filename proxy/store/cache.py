@@ -165,7 +165,8 @@ class FactCache(Generic[V]):
     def memo(self, value: W, parts: Sequence[tuple[str, object]]) -> Memo[W] | None:
         """A memo of ``value``, derived from the values of ``parts`` (key, value as looked up),
         or None unless each of those values is the one the cache holds now: a value answered by
-        a read that raced an invalidation, or served stale, is not memoised."""
+        a read that raced an invalidation is not memoised (one served stale may be, but its
+        entry is past the ttl, so that memo never answers)."""
         entries = []
         for key, seen in parts:
             entry = self._entries.peek(key)

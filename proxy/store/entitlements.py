@@ -122,8 +122,9 @@ class Entitlements:
         value: object,
         parts: tuple[tuple[str, object], ...],
     ) -> None:
-        """Memoise ``value`` when every part is what the cache holds now (not a read that raced
-        an invalidation, nor a value served stale); at most one memo per cache entry."""
+        """Memoise ``value`` when every part is what the cache holds now (not what a read that
+        raced an invalidation answered); at most one memo per workspace or key, and no more
+        memos than the cache holds entries."""
         memo = self.cache.memo(value, parts)
         if memo is None:
             memos.pop(name, None)

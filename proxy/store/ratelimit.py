@@ -282,8 +282,7 @@ class RateLimiter:
             return None
         now = time.monotonic()
         if lease.usable(now) and lease.free and lease.tokens_ok(now, self.token_flush_s):
-            size = lease_size(self.lease_requests, limit.burst, self.replicas)
-            return self._admit_from(rl, lease, size, now)
+            return self._admit_from(rl, lease, now)
         return None
 
     async def _acquire_once(
@@ -369,7 +368,7 @@ class RateLimiter:
         for _ in range(8):  # each turn admits, waits for a fetch, or fetches
             now = time.monotonic()
             if lease.usable(now) and lease.free and lease.tokens_ok(now, self.token_flush_s):
-                return self._admit_from(rl, lease, size, now)
+                return self._admit_from(rl, lease, now)
             if lease.fetching is not None:
                 await asyncio.shield(lease.fetching)
                 continue
@@ -380,17 +379,20 @@ class RateLimiter:
         # Other requests took each lease first (or it expired unused): judge this one directly.
         return await self._acquire_once(workspace_id, program, limit)
 
-    def _admit_from(self, rl: str, lease: Lease, size: int, now: float) -> LimitResult:
+    def _admit_from(self, rl: str, lease: Lease, now: float) -> LimitResult:
         lease.units -= 1
         slot = lease.free.pop()
         handle = f"{slot}#{next(self._seq)}"
         self._lent[handle] = (rl, lease, slot)
-        if wanted_ahead(lease, size, now):
-            ahead = self._fetch(rl, lease, size - lease.units, 0, background=True)
-            task = asyncio.ensure_future(ahead)
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
         limit = lease.limit
+        # A lease is never larger than lease_requests: most requests need not size it.
+        if lease.fetching is None and lease.units <= self.lease_requests // 2:
+            size = lease_size(self.lease_requests, limit.burst, self.replicas)
+            if wanted_ahead(lease, size, now):
+                ahead = self._fetch(rl, lease, size - lease.units, 0, background=True)
+                task = asyncio.ensure_future(ahead)
+                self._flushing.add(task)
+                task.add_done_callback(self._flushing.discard)
         tokens = None
         if limit.tokens_per_minute and lease.tokens_left >= 0:
             tokens = Tokens(limit.tokens_per_minute, *lease.shown_tokens(now))
