@@ -119,8 +119,12 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     if not request.body_exists:
         return b""
     if declared is not None:
+        content = request.content
+        arrived = content.read_nowait(declared)  # usually all of it: no wait
+        if len(arrived) == declared:
+            return arrived
         try:
-            return await request.content.readexactly(declared)
+            return arrived + await content.readexactly(declared - len(arrived))
         except asyncio.IncompleteReadError:
             raise invalid("The request body ended early.") from None
     chunks: list[bytes] = []

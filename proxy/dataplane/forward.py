@@ -181,31 +181,33 @@ async def forward(
             on_upstream_headers(upstream_headers)
 
         status = answer.status
-        response = web.StreamResponse(status=status, reason=answer.reason or None)
-        copy_response_headers(upstream_headers, response.headers, strip=strip_response_headers)
+        out = CIMultiDict[str]()
+        copy_response_headers(upstream_headers, out, strip=strip_response_headers)
         if extra_response_headers:
-            response.headers.update(extra_response_headers)
+            out.update(extra_response_headers)
 
         content_type = upstream_headers.get(hdrs.CONTENT_TYPE, "")
         is_stream = content_type.lower().startswith("text/event-stream")
-        capture, hider = _side_copy(
-            response,
-            is_stream,
-            upstream_headers.get(hdrs.CONTENT_ENCODING),
-            capture_limit,
-            hide_usage and is_stream and status == 200,
-        )
+        encoding = upstream_headers.get(hdrs.CONTENT_ENCODING)
+        reason = answer.reason or None
 
         # A small body of known length is usually in hand already: answer it in one write.
         small = answer.content_length is not None and answer.content_length <= WHOLE_BODY_BYTES
-        if small and not is_stream and hider is None:
+        if small and not is_stream:
             whole = await read_answer(answer)
-            response = web.Response(
-                status=status, reason=response.reason, body=whole, headers=response.headers
-            )
+            done = web.Response(status=status, reason=reason, body=whole, headers=out)
+            if encoding is None and len(whole) <= capture_limit:  # the copy is the body itself
+                return ForwardResult(
+                    done, status, content_type, False, whole, len(whole), ttfb, True
+                )
+            capture = Capture(False, encoding, capture_limit)
             capture.feed(whole)
-            return _result(response, status, content_type, capture, len(whole), ttfb, True)
+            return _result(done, status, content_type, capture, len(whole), ttfb, True)
 
+        capture, hider = _side_copy(
+            out, is_stream, encoding, capture_limit, hide_usage and is_stream and status == 200
+        )
+        response = web.StreamResponse(status=status, reason=reason, headers=out)
         with upstream_errors():
             answer.raise_if_broken()  # the whole answer came at once, broken: nothing sent yet
         try:
@@ -234,7 +236,7 @@ async def read_answer(answer: Answer, limit: int | None = None) -> bytes:
 
 
 def _side_copy(
-    response: web.StreamResponse,
+    out: CIMultiDict[str],
     is_stream: bool,
     encoding: str | None,
     capture_limit: int,
@@ -251,8 +253,8 @@ def _side_copy(
         hider = UsageHider(encoding, side.feed)
     except DecodeError:
         return capture, None
-    response.headers.popall(hdrs.CONTENT_ENCODING, None)
-    response.headers.popall(hdrs.CONTENT_LENGTH, None)
+    out.popall(hdrs.CONTENT_ENCODING, None)
+    out.popall(hdrs.CONTENT_LENGTH, None)
     return side, hider
 
 
