@@ -123,6 +123,12 @@ CASES: tuple[Case, ...] = (
     Case("baseline-pool", "baseline", args=("--client", "pool")),
     Case("access-proxy", "proxy"),
     Case("access-proxy+rate-limit", "proxy", {"rate_limits": {"enabled": True}}),
+    # Leases of 32 requests: a call every 16 to 32 requests instead of every 4 to 8.
+    Case(
+        "access-proxy+rate-limit-lease-32",
+        "proxy",
+        {"rate_limits": {"enabled": True, "lease_requests": 32}},
+    ),
     # The same limits with a Redis call per request (no leases), for comparison.
     Case(
         "access-proxy+rate-limit-per-request",
