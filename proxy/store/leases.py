@@ -44,6 +44,7 @@ class Lease:
     owned: set[str] = field(default_factory=set)  # every slot of the pool, in use or not
     idle_since: float = 0.0  # when the last slot in use came back
     fetching: asyncio.Future[None] | None = None
+    waiting: int = 0  # requests waiting on ``fetching``
 
     def usable(self, now: float) -> int:
         return self.units if self.expires > now else 0

@@ -363,21 +363,39 @@ class RateLimiter:
                 interval_us,
             )
             self._leases[rl] = lease
-        size = lease_size(self.lease_requests, limit.burst, self.replicas)
-        pool = lease_size(self.lease_requests, limit.concurrent, self.replicas)
         for _ in range(8):  # each turn admits, waits for a fetch, or fetches
             now = time.monotonic()
             if lease.usable(now) and lease.free and lease.tokens_ok(now, self.token_flush_s):
                 return self._admit_from(rl, lease, now)
             if lease.fetching is not None:
-                await asyncio.shield(lease.fetching)
+                lease.waiting += 1
+                try:
+                    await asyncio.shield(lease.fetching)
+                finally:
+                    lease.waiting -= 1
                 continue
-            want = 0 if lease.usable(now) else size
-            refused = await self._fetch(rl, lease, want, 0 if lease.free else pool)
+            want, slots = self._wanted(lease, now)
+            refused = await self._fetch(rl, lease, want, slots)
             if refused is not None:
                 return refused
         # Other requests took each lease first (or it expired unused): judge this one directly.
         return await self._acquire_once(workspace_id, program, limit)
+
+    def _wanted(self, lease: Lease, now: float) -> tuple[int, int]:
+        """Requests and slots to fetch for this request and those queued behind it: a lease's
+        worth, or as many as wait (a burst of new streams), never more than this replica's share
+        of the burst and of the concurrency cap, so the queue drains in a call or two."""
+        limit, replicas = lease.limit, self.replicas
+        demand = 1 + lease.waiting
+        usable, free = lease.usable(now), len(lease.free)
+        want = slots = 0
+        if usable < demand:
+            size = lease_size(max(self.lease_requests, demand), limit.burst, replicas)
+            want = max(0, size - usable)
+        if free < demand:
+            pool = lease_size(max(self.lease_requests, demand), limit.concurrent, replicas)
+            slots = max(0, pool - free)
+        return want, slots
 
     def _admit_from(self, rl: str, lease: Lease, now: float) -> LimitResult:
         lease.units -= 1

@@ -363,3 +363,27 @@ async def test_local_share_while_redis_is_stopped(private_redis: RedisServer) ->
     finally:
         await limiter.stop()
         await client.aclose()
+
+
+async def test_a_burst_of_waiting_requests_is_leased_in_a_few_calls(
+    redis_url: str, make_limiter: MakeLimiter
+) -> None:
+    """Hundreds of requests arriving at once (a burst of new streams) for one workspace: the
+    fetch after the first takes as many requests and slots as wait behind it, so they are let in
+    after a few calls, not one lease of 8 at a time."""
+    client = make_client(redis_url, timeout_s=None)
+    try:
+        limiter = await make_limiter(redis_url, "burst-a", lease_requests=8)
+        rule = limit(rpm=600_000, burst=10_000, concurrent=1000)
+        before = await script_calls(client)
+        results = await asyncio.gather(
+            *(limiter.acquire("ws-burst", "prog", rule) for _ in range(400))
+        )
+        calls = await script_calls(client) - before
+        assert all(r.allowed for r in results)
+        assert calls <= 20, calls  # 7 to 11 here; a lease of 8 at a time took 369
+        assert await client.zcard(concurrency_key("ws-burst", "prog")) <= 1000
+        for r in results:
+            await limiter.release(r)
+    finally:
+        await client.aclose()
