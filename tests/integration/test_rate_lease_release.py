@@ -15,26 +15,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import RateLimit
 from proxy.redis_server import RedisServer
 from proxy.store.connection import Breaker, Gate, make_client
 from proxy.store.ratelimit import LimitResult, RateLimiter
 from proxy.store.schema import concurrency_key
-
-
-def limit(rpm: int, burst: int, concurrent: int) -> RateLimit:
-    return RateLimit(
-        requests_per_minute=rpm,
-        burst=burst,
-        concurrent=concurrent,
-        shadow=False,
-        tokens_per_minute=None,
-    )
-
-
-async def script_calls(client: aioredis.Redis) -> int:
-    stats = await client.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+from tests.integration.test_rate_leases import limit, script_calls
 
 
 @pytest.fixture
