@@ -12,8 +12,9 @@ cookies, no redirects, no headers of its own but ``Host`` and ``Content-Length``
 Timeouts (SPEC §3.5), one timer per connection:
 
 - connect (``connect_s``): name resolution and TCP/TLS connect → :class:`ConnectTimeout`;
-- first byte (``first_byte_s``): from the request being written (its last byte handed to the
-  kernel) until the upstream's first byte → :class:`FirstByteTimeout`;
+- first byte (``first_byte_s``): from the request being written until the upstream's first
+  byte (so an upstream that stops reading a large body times out too) →
+  :class:`FirstByteTimeout`;
 - idle (``idle_s``): silence from the upstream after its first byte, counted only while this
   side is reading (not while reading is paused because the client is slow) →
   :class:`IdleTimeout`.
@@ -291,8 +292,7 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._informational = False
         self._paused = False
-        self._write_paused = False
-        self._sent_at = 0.0  # when the request's last byte was handed over; 0: not yet
+        self._sent_at = 0.0  # when the request was written
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -329,14 +329,6 @@ class Connection(asyncio.Protocol):
         self.pool.forget(self)
         if self.answer is not None:
             self.answer.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.answer is not None and not self._sent_at:
-            self._sent()  # the request's last byte is out: start the clock
 
     # -------------------------------------------------------------- parser callbacks
 
@@ -392,19 +384,14 @@ class Connection(asyncio.Protocol):
         assert transport is not None and self.answer is None
         answer = self.answer = Answer(self, head_only)
         self._first_byte_s, self._idle_s = first_byte_s, idle_s
-        self._sent_at = 0.0
         if len(body) <= 16384:
             transport.write(head + body if body else head)
         else:
             transport.write(head)
             transport.write(body)
-        if not self._write_paused:
-            self._sent()
-        return answer
-
-    def _sent(self) -> None:
         self._sent_at = self.loop.time()
         self._watch(self._sent_at + min(self._first_byte_s, self._idle_s))
+        return answer
 
     def reuse(self) -> None:
         self.answer = None
@@ -446,8 +433,8 @@ class Connection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         answer = self.answer
-        if answer is None or answer.done or not self._sent_at:
-            return  # nothing awaited (a write still draining re-arms when it is out)
+        if answer is None or answer.done:
+            return  # nothing awaited
         now = self.loop.time()
         if not answer.started:
             deadline = self._sent_at + self._first_byte_s

@@ -346,6 +346,26 @@ async def test_first_byte_timeout(raw_server, pool) -> None:
     release.set()
 
 
+async def test_an_upstream_that_stops_reading_a_large_body_times_out(pool) -> None:
+    """The first-byte clock runs from the write, not from the last byte leaving: an upstream
+    that reads the head and then nothing cannot hold the request forever."""
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await release.wait()  # never reads the body: the socket buffers fill, writing pauses
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        with pytest.raises(FirstByteTimeout):
+            await ask(pool, url, body=b"x" * (32 << 20), first_byte_s=0.3)
+    finally:
+        release.set()
+        server.close()
+
+
 async def test_idle_timeout_mid_body(raw_server, pool) -> None:
     release = asyncio.Event()
 
