@@ -40,6 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "proxy":
+            raise  # the package itself is broken: a bug, with its traceback
+        # An install older than the code (a dependency added since): one line, as at start-up.
+        print(
+            f"access-proxy: the dependency {exc.name!r} is not installed ({exc}); reinstall "
+            "access-proxy (`make install` in the repository, or `pip install -e .`)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from proxy.server import run_serve
 

@@ -202,3 +202,19 @@ def test_unwritable_state_dir(tmp_path: Path) -> None:
     line = one_line_failure(serve(path), env_with(), prefix=read_only)
     assert f"state directory {str(state)!r} is not writable" in line, line
     assert "Read-only file system" in line and "state_dir" in line, line
+
+
+@pytest.mark.parametrize("command", [["demo", "--state-dir", "STATE"], ["serve"]])
+def test_an_install_missing_a_dependency(tmp_path: Path, command: list[str]) -> None:
+    """An install older than the code (a dependency added since, here httptools hidden from the
+    interpreter): one line naming the module and the fix, not a traceback."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['httptools'] = None\n")
+    path, _ = write_config(tmp_path)
+    argv = [str(tmp_path / "state") if a == "STATE" else a for a in command]
+    if command == ["serve"]:
+        argv += ["--config", str(path)]
+    env = env_with(ACCESS_PROXY_PEPPER=PEPPER, PYTHONPATH=f"{hide}{os.pathsep}{REPO}")
+    line = one_line_failure(argv, env)
+    assert "'httptools' is not installed" in line and "make install" in line, line
