@@ -40,18 +40,14 @@ async def upload_batch_file(
     """
     upstream_answer = await send(pool, upstream, method, url_path, headers, body)
     answer = await read_answer(upstream_answer, MAX_ANSWER_BYTES)
-    status, reason, upstream_headers = (
-        upstream_answer.status,
-        upstream_answer.reason,
-        upstream_answer.headers,
-    )
+    status = upstream_answer.status
     if len(answer) > MAX_ANSWER_BYTES:
         raise UpstreamError("upstream_unavailable", "the upload's answer is too large")
     file_id = _file_id(answer) if 200 <= status < 300 else None
     if file_id is not None:
         await store.record(file_id, models, workspace)
-    response = web.Response(status=status, reason=reason or None, body=answer)
-    copy_response_headers(upstream_headers, response.headers, strip=strip_response_headers)
+    response = web.Response(status=status, reason=upstream_answer.reason or None, body=answer)
+    copy_response_headers(upstream_answer.headers, response.headers, strip=strip_response_headers)
     response.headers.pop("content-length", None)
     response.headers.update(extra_response_headers)
     return response

@@ -29,7 +29,6 @@ idle connection just as a request is written); never for a POST, which may have 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ssl
 from collections.abc import Iterable
@@ -584,8 +583,7 @@ class UpstreamPool:
             conn.close()
         self._open.clear()
         self._idle.clear()
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)  # let the transports run their close callbacks
+        await asyncio.sleep(0)  # let the transports run their close callbacks
 
 
 @functools.cache
