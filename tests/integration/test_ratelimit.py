@@ -356,14 +356,21 @@ async def test_held_slots_keep_their_lease_while_the_replica_lives(
 
 
 async def test_heartbeat_tracks_live_replicas(
-    redis_url: str, redis_client: aioredis.Redis, make_limiter: MakeLimiter
+    private_redis: RedisServer, make_limiter: MakeLimiter
 ) -> None:
-    first = await make_limiter(redis_url, "hb-a", heartbeat_s=0.1)
-    second = await make_limiter(redis_url, "hb-b", heartbeat_s=0.1)
+    # A Redis of its own: the session's is shared with the end-to-end suite's long-running
+    # `serve`, whose heartbeat counts it as a replica too.
+    url = private_redis.url
+    first = await make_limiter(url, "hb-a", heartbeat_s=0.1)
+    second = await make_limiter(url, "hb-b", heartbeat_s=0.1)
     await first.start()
     await second.start()
     await wait_until(lambda: first.replicas == 2 and second.replicas == 2)
-    assert sorted(await redis_client.zrange(REPLICAS_KEY, 0, -1)) == [b"hb-a", b"hb-b"]
+    client = aioredis.Redis.from_url(url)
+    try:
+        assert sorted(await client.zrange(REPLICAS_KEY, 0, -1)) == [b"hb-a", b"hb-b"]
+    finally:
+        await client.aclose()
     await second.stop()
     await wait_until(lambda: first.replicas == 1)
 
